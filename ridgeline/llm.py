@@ -1,0 +1,123 @@
+"""The offline Python API, shaped like vLLM's `LLM` so its users feel at home."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from .engine import EngineConfig, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """Load a model and generate from it.
+
+    LLM() loads the default model (SmolLM2-135M-Instruct, Q4_1 GGUF). `model` may be a .gguf
+    file or a Hugging Face checkpoint directory. Keyword arguments are EngineConfig fields:
+    dtype ('auto', 'float32', 'bfloat16'), max_model_len, kv_cache_memory ('2GiB'),
+    block_size, max_num_seqs, max_num_batched_tokens, seed, num_kv_blocks, device.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"LLM() got unknown options: {', '.join(sorted(unknown))}; "
+                            f"allowed: {', '.join(EngineConfig.__dataclass_fields__)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a batch of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+        """Apply the model's chat template; returns a token-id prompt with the rendered text."""
+        validate_messages(messages)
+        tok = self.engine.tokenizer
+        if not tok.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # The template already holds the special tokens: do not add a BOS again.
+        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of a single-sample request as they are generated."""
+        engine = self.engine
+        rid = engine.add_request(prompt, sampling_params)
+        sent = 0
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    if out.finished:
+                        return
+        finally:
+            engine.abort_request(rid)
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(engine.add_request(p, sp))
+        except Exception:
+            for rid in ids:  # a bad prompt rejects the whole call, leaving nothing queued
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+        return [results[rid] for rid in ids]
+
+
+def validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}].role must be one of system, user, assistant")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string")

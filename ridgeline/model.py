@@ -1,0 +1,144 @@
+"""The decoder: Llama / Mistral / Qwen2 / Qwen3 in plain PyTorch over a flat token batch.
+
+Speed choices, all visible here: q/k/v and gate/up projections are fused into one
+matrix each; rotary embedding is applied to q and k in one op on the fused output;
+cos/sin are looked up once per step; logits are computed only for rows that need them;
+on CPU bfloat16 weights are pre-packed for oneDNN, whose kernels read them ~2x faster
+than the plain layout at batch 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention
+from .config import ModelConfig
+from .kv_cache import KVCachePool
+
+
+class Linear:
+    """y = x @ W^T (+ b), with the weight pre-packed for oneDNN when that is faster."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.packed = None
+        self.weight = weight
+        if (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                and torch.backends.mkldnn.is_available()):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            self.weight = None  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if freq_factors is not None:  # GGUF stores llama3-style scaling as per-frequency divisors
+        return inv_freq / freq_factors.float()
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    kind = rs.get("rope_type", rs.get("type"))
+    factor = float(rs.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, smooth in between.
+    low = float(rs.get("low_freq_factor", 1.0))
+    high = float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Layer:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+        att = prefix + "self_attn."
+        self.input_norm = w[prefix + "input_layernorm.weight"]
+        self.post_norm = w[prefix + "post_attention_layernorm.weight"]
+        qkv = torch.cat([w[att + "q_proj.weight"], w[att + "k_proj.weight"], w[att + "v_proj.weight"]])
+        bias = None
+        if cfg.attention_bias:
+            bias = torch.cat([w[att + "q_proj.bias"], w[att + "k_proj.bias"], w[att + "v_proj.bias"]])
+        self.qkv = Linear(qkv, bias)
+        self.o = Linear(w[att + "o_proj.weight"], w.get(att + "o_proj.bias"))
+        self.q_norm = w.get(att + "q_norm.weight")
+        self.k_norm = w.get(att + "k_norm.weight")
+        mlp = prefix + "mlp."
+        self.gate_up = Linear(torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]))
+        self.down = Linear(w[mlp + "down_proj.weight"])
+
+
+class Transformer:
+    """Weights plus a forward over the flat batch; no autograd, no nn.Module machinery."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device):
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if k != "rope_freqs"}
+        missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in w]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors: {', '.join(missing)}")
+        self.embed = w["model.embed_tokens.weight"]
+        self.layers = [Layer(config, w, f"model.layers.{i}.") for i in range(config.num_layers)]
+        self.norm = w["model.norm.weight"]
+        lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
+        self.lm_head = Linear(lm_head)
+        inv_freq = rope_inv_freq(config, weights.get("rope_freqs")).to(device)
+        pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        self.cos = freqs.cos().to(dtype)
+        self.sin = freqs.sin().to(dtype)
+        self.scale = config.head_dim ** -0.5
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half rotary embedding on x: [T, H, D]; cos/sin: [T, 1, D/2]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: KVCachePool, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Run the flat batch; return float32 logits for `logit_rows` only."""
+        cfg = self.config
+        t = input_ids.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        h = self.embed[input_ids]
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, eps)
+            qkv = layer.qkv(x)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q.reshape(t, hq, d), (d,), layer.q_norm, eps)
+                k = F.rms_norm(k.reshape(t, hkv, d), (d,), layer.k_norm, eps)
+                qk = torch.cat((q, k), dim=1)
+            else:
+                qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, hq + hkv, d)
+            qk = self._rope(qk, cos, sin)
+            q, k = qk.split([hq, hkv], dim=1)
+            k_cache, v_cache = kv.layer(i)
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v.view(t, hkv, d))
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
+            h = h + layer.o(attn.reshape(t, cfg.q_size))
+            x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        h = F.rms_norm(h[logit_rows], (cfg.hidden_size,), self.norm, eps)
+        return self.lm_head(h).float()

@@ -1,0 +1,124 @@
+"""Token-budget scheduler in the vLLM v1 style.
+
+Every step: running sequences first (those one token behind, i.e. decodes, before those
+still prefilling), then waiting sequences in arrival order, each given
+min(pending tokens, remaining budget). A prompt longer than the budget is therefore
+prefilled in chunks while decodes keep flowing (Sarathi-Serve's stall-free batching).
+When the KV pool runs out, the newest running sequence is preempted: its blocks are
+freed and it is recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can advance each step")
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        order = [s for s in self.running if s.num_pending_tokens == 1]
+        order += [s for s in self.running if s.num_pending_tokens > 1]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_pending_tokens, budget)
+            while not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new):
+                victim = self._newest_unscheduled(scheduled)
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            scheduled.add(seq.seq_id)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+        # Admit waiting sequences only when nothing was preempted: they would just thrash.
+        while (not batch.num_preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            num_new = min(seq.num_pending_tokens, budget)
+            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.add(seq.seq_id)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
+        for seq in reversed(self.running):
+            if seq.seq_id not in scheduled:
+                return seq
+        raise RuntimeError("KV cache cannot hold the scheduled sequences")  # guarded by engine sizing
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = SeqStatus.FINISHED
