@@ -142,6 +142,8 @@ def _load_gguf(path: Path) -> Checkpoint:
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             arr = _unpermute(arr, config.num_heads if ".q_proj." in name else config.num_kv_heads)
+        if not arr.flags.writeable:  # an unquantized tensor is a view of the read-only file map
+            arr = arr.copy()
         weights[name] = torch.from_numpy(np.ascontiguousarray(arr))
     return Checkpoint(path=path, format="gguf", config=config, weights=weights)
 

@@ -1,0 +1,265 @@
+"""Command line: `ridgeline generate PROMPT` and `ridgeline chat`.
+
+Bad input (an invalid sampling option, a missing model file, an empty prompt) prints one
+line `error: <message>` to stderr and exits with status 2; there are no tracebacks for
+mistakes the user can fix. Subcommands live in `_build_parser`; add new ones there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+# Exceptions that mean "the input was wrong": SamplingParams, EngineConfig, LLM and the
+# loader raise these with messages that name the offending field or path.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+class UsageError(Exception):
+    """Bad input detected by the CLI itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line in the same `error: ...` form as ours."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see '{self.prog} --help')")
+
+
+def _fail(message: Any, status: int = EXIT_USAGE) -> NoReturn:
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _quiet() -> None:
+    """Keep stdout/stderr to what the user asked for: no library warnings or progress bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("ridgeline").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- arguments
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, else float32")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 512MiB, 2GiB (default: 2GiB)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default: 1.0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    g.add_argument("--top-k", type=int, help="keep the K most likely tokens; 0 or -1 = off (default: 0)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p * p(max) (default: 0)")
+    g.add_argument("--seed", type=int, help="per-request sampling seed")
+    g.add_argument("--repetition-penalty", type=float, help="> 0; 1 = off (default: 1.0)")
+    g.add_argument("--presence-penalty", type=float, help="in [-2, 2] (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, help="in [-2, 2] (default: 0)")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "stop")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ridgeline", description="ridgeline: LLM inference in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt, streaming the text to stdout",
+                         description="Complete PROMPT and print the text (streamed as it is generated when n = 1).")
+    gen.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (implies --chat)")
+    gen.add_argument("--n", type=int, default=1, help="number of samples (default: 1)")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+                     help="print each generated token's logprob and the top K alternatives")
+    _sampling_args(gen)
+    _engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat on stdin/stdout",
+                          description="Chat with the model: one user message per line. "
+                                      "/reset clears the conversation; /exit, /quit or EOF ends it.")
+    chat.add_argument("--system", default=None, help="system message")
+    _sampling_args(chat)
+    _engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    # Later subcommands (serve, bench) register here.
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ridgeline")
+    except Exception:
+        return "unknown"
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any):
+    from .sampling_params import SamplingParams
+
+    kwargs = {f: getattr(args, f) for f in _SAMPLING_FIELDS if getattr(args, f) is not None}
+    kwargs["ignore_eos"] = args.ignore_eos
+    kwargs.update({k: v for k, v in extra.items() if v is not None})
+    return SamplingParams(**kwargs)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine options, checked without loading the model (so mistakes fail fast)."""
+    from .engine import EngineConfig
+    from .kv_cache import parse_memory_size
+
+    kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  kv_cache_memory=args.kv_cache_memory)
+    EngineConfig(model=args.model, **kwargs)
+    parse_memory_size(args.kv_cache_memory)
+    return kwargs
+
+
+def _load_llm(args: argparse.Namespace):
+    from .llm import LLM
+
+    return LLM(model=args.model, **_engine_kwargs(args))
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- generate
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise UsageError("prompt must be a non-empty string")
+    chat = args.chat or args.system is not None
+    # Validate the options before the (slow) model load.
+    params = _sampling_params(args, n=args.n, logprobs=args.logprobs)
+    llm = _load_llm(args)
+    if chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        messages.append({"role": "user", "content": prompt})
+        request = llm.render_chat(messages)
+    else:
+        request = prompt
+
+    if params.n == 1 and params.logprobs is None:
+        for piece in llm.stream(request, params):
+            _write(piece)
+        _write("\n")
+        return 0
+
+    out = llm.generate(request, params, use_tqdm=False)[0]
+    for comp in out.outputs:
+        if params.n > 1:
+            _write(f"=== sample {comp.index + 1}/{params.n} (finish: {comp.finish_reason}) ===\n")
+        _write(comp.text + "\n")
+        if comp.logprobs is not None:
+            _write(_format_logprobs(comp.logprobs, comp.token_ids))
+    return 0
+
+
+def _format_logprobs(positions: list, token_ids: list[int]) -> str:
+    lines = ["--- logprobs (token, logprob, rank | top alternatives) ---"]
+    for tok, entry in zip(token_ids, positions):
+        chosen = entry[tok]
+        alts = sorted((lp for tid, lp in entry.items() if tid != tok), key=lambda lp: lp.rank)
+        top = ", ".join(f"{lp.decoded_token!r} {lp.logprob:.3f}" for lp in alts)
+        line = f"{chosen.decoded_token!r}\t{chosen.logprob:.4f}\t{chosen.rank}"
+        lines.append(f"{line}\t| {top}" if top else line)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- chat
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    llm = _load_llm(args)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+        print("ridgeline chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history: list[dict] = list(system)
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            if tty:
+                _write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(system)
+            if tty:
+                print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        try:
+            request = llm.render_chat(messages)
+            pieces = []
+            for piece in llm.stream(request, params):
+                pieces.append(piece)
+                _write(piece)
+        except ValueError as exc:  # e.g. the conversation outgrew max_model_len: keep the session
+            print(f"error: {' '.join(str(exc).split())} (/reset clears the conversation)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply only; the turn is dropped
+            _write("\n")
+            continue
+        _write("\n")
+        history = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # e.g. `ridgeline generate ... | head -1`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (UsageError, MemoryError, *USER_ERRORS) as exc:
+        if os.environ.get("RIDGELINE_DEBUG"):
+            raise
+        if isinstance(exc, MemoryError):
+            _fail(f"out of memory ({exc}); lower --kv-cache-memory or --max-model-len", status=1)
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

