@@ -3,8 +3,8 @@
 Speed choices, all visible here: q/k/v and gate/up projections are fused into one
 matrix each; rotary embedding is applied to q and k in one op on the fused output;
 cos/sin are looked up once per step; logits are computed only for rows that need them;
-on CPU bfloat16 weights are pre-packed for oneDNN, whose kernels read them ~2x faster
-than the plain layout at batch 1.
+on CPU, bfloat16 and float32 weights are pre-packed for oneDNN, whose kernels read them
+~2x faster than the plain layout at batch 1 (for the 49k x 576 lm_head: 44 vs 15 GB/s in float32).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Linear:
         self.bias = bias
         self.packed = None
         self.weight = weight
-        if (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        if (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
                 and torch.backends.mkldnn.is_available()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             self.weight = None  # the packed copy replaces it
