@@ -98,19 +98,18 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: At
 
 def _attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                    scale: float) -> torch.Tensor:
-    """One query per sequence, q: [B, Hq, D] -> [B, Hq, D].
+    """One query per sequence, q: [B, Hq, D] -> [B, Hq, D], computed in float32.
 
-    Two batched matrix products with the query heads of each KV head stacked (GQA without
-    repeating K/V) and a float32 softmax. On CPU this is 4-20x faster than SDPA's flash
-    kernel for one query row in bfloat16 (see docs/benchmarks.md).
+    PyTorch's CPU attention kernels are several times slower in bfloat16 than in float32 for
+    a single query row (e.g. 65 vs 32 us at batch 1, context 40; see docs/benchmarks.md), and
+    the K/V read per step is small next to the weights, so decode upcasts.
     """
     b, hq, d = q.shape
-    k = k_cache[g.slots]  # [B, Lk, Hkv, D]
-    v = v_cache[g.slots]
-    hkv = k.shape[2]
-    scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k.permute(0, 2, 3, 1)).float()
-    probs = (scores * scale + g.bias).softmax(dim=-1).to(q.dtype)  # [B, Hkv, G, Lk]
-    return torch.matmul(probs, v.transpose(1, 2)).reshape(b, hq, d)
+    k = k_cache[g.slots].transpose(1, 2).float()  # [B, Hkv, Lk, D]
+    v = v_cache[g.slots].transpose(1, 2).float()
+    out = F.scaled_dot_product_attention(q.float().view(b, hq, 1, d), k, v, attn_mask=g.bias, scale=scale,
+                                         enable_gqa=k.shape[1] != hq)
+    return out.view(b, hq, d).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
