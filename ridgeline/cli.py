@@ -1,4 +1,4 @@
-"""Command line: `ridgeline generate PROMPT` and `ridgeline chat`.
+"""Command line: `ridgeline generate PROMPT`, `ridgeline chat`, `ridgeline serve` and `ridgeline bench serve`.
 
 Bad input (an invalid sampling option, a missing model file, an empty prompt) prints one
 line `error: <message>` to stderr and exits with status 2; there are no tracebacks for
@@ -105,6 +105,37 @@ def _build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     chat.set_defaults(func=cmd_chat)
     # Later subcommands (serve, bench) register here.
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve the model over an OpenAI-compatible HTTP API "
+                                       "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RIDGELINE_API_KEY, else none)")
+    serve.add_argument("--max-queue", type=int, default=None, metavar="N",
+                       help="at most N requests waiting to run; more get 503 (default: unbounded)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients send (default: the model file name without .gguf)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: 30)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _engine_args(serve)
+    g = serve.add_argument_group("scheduling")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step (default: 2048)")
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    from .bench.client import add_arguments as _bench_serve_args
+
+    bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server",
+                              description="Send a generated dataset to an OpenAI-compatible server and "
+                                          "report TTFT, TPOT, ITL, E2E latency, throughput and goodput "
+                                          "(vLLM's benchmark definitions).")
+    _bench_serve_args(bs)
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 
@@ -238,6 +269,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         _write("\n")
         history = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+# ---------------------------------------------------------------- serve / bench
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine import EngineConfig
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.shutdown_timeout < 0:
+        raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("RIDGELINE_API_KEY") or None
+    kwargs = _engine_kwargs(args)
+    config = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, **kwargs)
+    from .scheduler import SchedulerConfig
+
+    SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens)  # fail before the model load
+    from .server.serve import ServeOptions, serve
+
+    logging.getLogger("ridgeline").setLevel(getattr(logging, args.log_level.upper()))
+    logging.basicConfig(format="%(levelname)s: %(message)s")
+    return serve(config, ServeOptions(host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
+                                      served_model_name=args.served_model_name,
+                                      shutdown_timeout=args.shutdown_timeout, log_level=args.log_level))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench.client import run_from_args
+
+    return run_from_args(args)
 
 
 # ---------------------------------------------------------------- entry point

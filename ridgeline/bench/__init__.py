@@ -1,0 +1,1 @@
+"""Serving benchmark (`ridgeline bench serve`): datasets, the streaming client and vLLM's metrics."""

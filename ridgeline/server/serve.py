@@ -1,0 +1,89 @@
+"""Start the server: load the engine, wrap it, and run uvicorn until SIGTERM/SIGINT.
+
+On a signal uvicorn stops accepting connections, lets in-flight responses finish for up to
+`shutdown_timeout` seconds, cancels the rest (their handlers abort their requests), then the
+app's lifespan stops the engine thread. We install our own signal handlers so that a
+requested shutdown exits with status 0 (stock uvicorn re-raises the signal afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from ..engine import EngineConfig, LLMEngine
+from .app import ServerConfig, build_app
+from .async_engine import AsyncEngine
+from .metrics import ServerMetrics
+
+log = logging.getLogger("ridgeline.server")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int | None = None
+    served_model_name: str | None = None
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+
+def default_model_name(engine: LLMEngine) -> str:
+    path = Path(engine.model_path)
+    return path.name[:-len(".gguf")] if path.name.endswith(".gguf") else path.name
+
+
+def create_app(engine: LLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+               max_queue: int | None = None) -> tuple[FastAPI, AsyncEngine]:
+    """App plus the AsyncEngine that owns `engine` from now on (its step thread is running)."""
+    name = served_model_name or default_model_name(engine)
+    metrics = ServerMetrics(name)
+    aengine = AsyncEngine(engine, metrics)
+    app = build_app(aengine, metrics, ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue))
+    return app, aengine
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose signal handling ends in a clean return (exit status 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C skips the graceful wait
+        self.should_exit = True
+
+
+def serve(engine_config: EngineConfig, options: ServeOptions) -> int:
+    engine = LLMEngine(engine_config)
+    app, aengine = create_app(engine, options.served_model_name, options.api_key, options.max_queue)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                            timeout_graceful_shutdown=options.shutdown_timeout, access_log=False,
+                            lifespan="on")
+    server = _Server(config)
+    log.info("serving %s on http://%s:%d", default_model_name(engine), options.host, options.port)
+    try:
+        server.run()
+    finally:
+        aengine.shutdown()
+    return 0 if server.started or server.should_exit else 1
