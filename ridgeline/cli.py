@@ -289,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .scheduler import SchedulerConfig
 
     SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens)  # fail before the model load
+    _check_listen(args.host, args.port)
     from .server.serve import ServeOptions, serve
 
     logging.getLogger("ridgeline").setLevel(getattr(logging, args.log_level.upper()))
@@ -296,6 +297,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, ServeOptions(host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
                                       served_model_name=args.served_model_name,
                                       shutdown_timeout=args.shutdown_timeout, log_level=args.log_level))
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail fast (before the slow model load) when the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host!r}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

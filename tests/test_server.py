@@ -398,6 +398,13 @@ BAD_INPUTS = [
     ("chat unknown model", "/v1/chat/completions",
      {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, None, 404, "model"),
     ("unknown route", "/v1/embeddings", {"input": "x"}, None, 404, None),
+    ("seed beyond int64", "/v1/completions", {"prompt": "hi", "seed": 2**70}, None, 400, "seed"),
+    ("temperature NaN", "/v1/completions", '{"prompt": "hi", "temperature": NaN}', None, 400, "temperature"),
+    ("top_k huge", "/v1/completions", {"prompt": "hi", "top_k": 2**40, "temperature": 1}, None, 400, "top_k"),
+    ("stop token id beyond vocab", "/v1/completions", {"prompt": "hi", "stop_token_ids": [10**12]}, None, 400,
+     "stop_token_ids"),
+    ("too many sequences", "/v1/completions", {"prompt": ["a"] * 10, "n": 30}, None, 400, "prompt"),
+    ("deeply nested JSON", "/v1/completions", "[" * 50000 + "]" * 50000, None, 400, None),
 ]
 
 
@@ -520,3 +527,15 @@ def test_full_queue_is_503_and_sigterm_exits_cleanly(small_server):
     assert srv.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_cli_usage_errors_fail_fast(server):
+    busy = subprocess.run(_command() + ["serve", "--port", str(server.port)], capture_output=True, text=True,
+                          timeout=60)
+    assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:")
+    slo = subprocess.run(_command() + ["bench", "serve", "--base-url", server.url, "--slo", "latency:5"],
+                         capture_output=True, text=True, timeout=60)
+    assert slo.returncode == 2 and slo.stderr.startswith("error: --slo")
+    url = subprocess.run(_command() + ["bench", "serve", "--base-url", "localhost:1"], capture_output=True, text=True,
+                         timeout=60)
+    assert url.returncode == 2 and "--base-url" in url.stderr

@@ -137,6 +137,8 @@ async def _json_body(request: Request) -> Any:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the JSON body must be an object, got {type(body).__name__}")
     return body

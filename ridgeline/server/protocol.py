@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..sampling_params import SamplingParams
 
 MAX_N = 64  # samples per prompt; more is refused (each sample is a full sequence in the batch)
+MAX_SEQUENCES = 256  # prompts x n in one request
+INT64 = 2**63
 MAX_LOGPROBS = 20
 
 
@@ -52,7 +54,7 @@ def error_from_value(exc: Exception, fallback_param: str | None = None) -> APIEr
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -67,18 +69,18 @@ class _SamplingFields(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extras
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, lt=2**31)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, lt=2**31)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -125,6 +127,9 @@ class CompletionRequest(_SamplingFields):
         for i, item in enumerate(items):
             if len(item) == 0:
                 raise APIError(400, f"prompt: prompt {i} is empty", param="prompt")
+        if len(items) * self.n > MAX_SEQUENCES:
+            raise APIError(400, f"prompt: {len(items)} prompts x n={self.n} exceeds {MAX_SEQUENCES} sequences "
+                                f"per request", param="prompt")
         return items
 
     def sampling_params(self) -> SamplingParams:
