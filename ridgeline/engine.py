@@ -72,6 +72,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     seed: int = 0
     num_threads: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -116,7 +117,7 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}; raise kv_cache_memory or lower max_model_len")
         self.cache_config = CacheConfig(block_size=bs, num_blocks=num_blocks)
         self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, bs)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.eos_ids = list(mc.eos_token_ids)
@@ -125,7 +126,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
-        self.stats = {"num_preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"num_preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -142,6 +144,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < vocab size {vocab}")
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n must be <= max_num_seqs ({self.scheduler.config.max_num_seqs}), got {params.n}")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
@@ -161,8 +165,9 @@ class LLMEngine:
                            generator=gen, logprobs=[] if params.logprobs is not None else None)
             req.seqs.append(seq)
         self.requests[request_id] = req
-        for seq in req.seqs:
-            self.scheduler.add(seq)
+        # Samples 1..n-1 fork from sample 0 once the prompt is computed, sharing its KV blocks.
+        req.unforked = req.seqs[1:]
+        self.scheduler.add(req.seqs[0])
         return request_id
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -203,6 +208,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         self.stats["num_preemptions"] = self.scheduler.num_preemptions
+        bm = self.block_manager
+        self.stats["prefix_cache_queries"] = bm.num_cache_queries
+        self.stats["prefix_cache_hits"] = bm.num_cache_hits
         if not batch.seqs:
             return []
         self.stats["steps"] += 1
@@ -237,10 +245,16 @@ class LLMEngine:
             torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta, self.kv,
             torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
+        bm = self.block_manager
         for seq, n in zip(seqs, lens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens <= seq.num_prompt_tokens:
                 self.stats["prompt_tokens"] += n
+            seq.num_cached_blocks = bm.cache_full_blocks(seq.token_ids, seq.block_hashes, seq.block_table,
+                                                         seq.num_computed_tokens, seq.num_cached_blocks)
+        for seq, row in list(sample_seqs):
+            if seq.request.unforked:
+                sample_seqs.extend((child, row) for child in self._fork(seq))
         for seq, first, count in prompt_lp:
             self._record_prompt_logprobs(seq, logits[first:first + count])
 
@@ -266,6 +280,25 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
             outputs.append(req.to_output())
         return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Start the request's other samples from the parent's computed prompt: full blocks shared,
+        the partly filled last block copied. A sample that finds no free block for its copy queues
+        as an ordinary sequence (it will still reuse the cached full blocks)."""
+        req = parent.request
+        forked = []
+        for child in req.unforked:
+            table = self.block_manager.fork(parent.block_table, parent.num_computed_tokens, self.kv)
+            if table is None:
+                self.scheduler.waiting.appendleft(child)
+                continue
+            child.block_table = table
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SeqStatus.RUNNING
+            self.scheduler.running.append(child)
+            forked.append(child)
+        req.unforked = []
+        return forked
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         req = seq.request

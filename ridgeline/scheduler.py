@@ -5,7 +5,8 @@ still prefilling), then waiting sequences in arrival order, each given
 min(pending tokens, remaining budget). A prompt longer than the budget is therefore
 prefilled in chunks while decodes keep flowing (Sarathi-Serve's stall-free batching).
 When the KV pool runs out, the newest running sequence is preempted: its blocks are
-freed and it is recomputed from its tokens later.
+freed and it is recomputed from its tokens later. A newly admitted sequence starts at its
+longest prefix in the prefix cache (num_computed_tokens jumps ahead), the same rule again.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.pending_prefix: dict[int, Sequence] = {}  # block hash -> running sequence computing that block
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -83,21 +85,64 @@ class Scheduler:
             budget -= num_new
 
         # Admit waiting sequences only when nothing was preempted: they would just thrash.
-        while (not batch.num_preempted and self.waiting and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+        if not batch.num_preempted:
+            self._admit(batch, budget, scheduled)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int, scheduled: set[int]) -> None:
+        """FCFS admission. A sequence starts from its longest cached prefix; one whose next prompt
+        block is being computed by a running sequence is passed over until that block is cached,
+        so requests sharing a prefix compute it once."""
+        bs = self.blocks.block_size
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            num_new = min(seq.num_pending_tokens, budget)
-            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new):
+            width = 1 + len(seq.request.unforked)  # forked samples join the running set with it
+            if len(self.running) + width > self.config.max_num_seqs:
+                break
+            # A waiting sequence holds no blocks (new, or preempted and freed).
+            hits = self.blocks.match_prefix(seq.token_ids, seq.block_hashes)
+            if self._prefix_pending(seq, len(hits)):
+                deferred.append(self.waiting.popleft())
+                continue
+            computed = len(hits) * bs
+            num_new = min(seq.num_tokens - computed, budget)
+            need = -(-(computed + num_new) // bs) - len(hits)
+            if need + self.blocks.num_reusable(hits) > self.blocks.allocator.num_free:
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            self.blocks.reuse(seq.block_table, hits, seq.num_prompt_tokens)
+            seq.num_computed_tokens = computed
+            self.blocks.allocate(seq.block_table, computed + num_new)
+            self._claim_prefix(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.add(seq.seq_id)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        return batch
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prefix_pending(self, seq: Sequence, num_hit_blocks: int) -> bool:
+        """True when the first prompt block past the cached prefix is being computed by another
+        running sequence."""
+        hashes = seq.block_hashes
+        if not self.blocks.enable_prefix_caching or num_hit_blocks >= len(hashes):
+            return False
+        owner = self.pending_prefix.get(hashes[num_hit_blocks])
+        return owner is not None and owner is not seq and owner.status is SeqStatus.RUNNING
+
+    def _claim_prefix(self, seq: Sequence) -> None:
+        """Mark the seq's uncomputed full prompt blocks as being computed by it."""
+        if self.blocks.enable_prefix_caching:
+            for h in seq.block_hashes[seq.num_computed_tokens // self.blocks.block_size:]:
+                self.pending_prefix.setdefault(h, seq)
+
+    def release_prefix_claims(self, seq: Sequence) -> None:
+        """Drop the seq's claims on blocks it was computing (it was preempted or left)."""
+        for h in seq.block_hashes:
+            if self.pending_prefix.get(h) is seq:
+                del self.pending_prefix[h]
 
     def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
         for seq in reversed(self.running):
@@ -107,8 +152,10 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.release_prefix_claims(seq)
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -120,5 +167,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.release_prefix_claims(seq)
         self.blocks.free(seq.block_table)
         seq.status = SeqStatus.FINISHED

@@ -40,6 +40,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash chain of full blocks
+    num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     text: str = ""
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
@@ -84,6 +86,7 @@ class Request:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
+    unforked: list[Sequence] = field(default_factory=list)  # samples 1..n-1 until the prompt is computed
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
