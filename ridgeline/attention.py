@@ -5,8 +5,9 @@ rows), then the prefill chunks one after another. Attention metadata is built on
 step and shared by all layers: for each of the two groups a matrix of cache slots per
 sequence, the query positions, and a boolean mask (causal, context length, optional
 sliding window). Each layer then does one gather of K/V through the slot matrix per group,
-then two batched matrix products for the decode rows and one scaled-dot-product attention
-call for the prefill chunks.
+then float32 attention for the decode rows (with Hydragen, shared prefixes are attended
+once per group; see hydragen.py) and one scaled-dot-product attention call for the
+prefill chunks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .hydragen import HydragenConfig, PrefixPart, SharedPrefix, find_shared_prefixes, hydragen_decode
 
 
 @dataclass
@@ -25,6 +28,8 @@ class AttentionGroup:
     q_rows: torch.Tensor | None  # prefill: [B, Lq] rows of the flat batch (decode rows are contiguous)
     q_valid: torch.Tensor | None  # prefill: [B, Lq] real (non-padding) query entries
     num_rows: int  # flat rows covered by this group
+    # decode with Hydragen: shared-prefix parts; then `slots`/`bias` cover only each row's own blocks
+    prefix_parts: list[PrefixPart] | None = None
 
 
 @dataclass
@@ -34,15 +39,54 @@ class AttentionMetadata:
     prefill: AttentionGroup | None
 
 
-def _group(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-           sliding_window: int | None, row_offset: int,
-           device: torch.device) -> tuple[AttentionGroup, torch.Tensor]:
-    """One group's attention metadata, plus the cache slots of its new tokens in flat-batch order."""
+def _block_table_tensor(block_tables: list[list[int]], num_blocks: int) -> torch.Tensor:
+    return torch.tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in block_tables],
+                        dtype=torch.long)
+
+
+def _decode_group(block_tables: list[list[int]], starts: list[int], block_size: int, sliding_window: int | None,
+                  hydragen: HydragenConfig | None, device: torch.device) -> tuple[AttentionGroup, torch.Tensor]:
+    """Decode rows: each attends from position start to keys [own_start, start]; own_start is 0
+    unless Hydragen takes a shared prefix off the row (then attended once per group)."""
+    parts: list[SharedPrefix] = []
+    own_start = [0] * len(starts)
+    if hydragen is not None and sliding_window is None and len(starts) >= hydragen.min_group:
+        parts, own_blocks = find_shared_prefixes(block_tables, [s // block_size for s in starts], block_size,
+                                                 hydragen)
+        if parts:
+            own_start = [n * block_size for n in own_blocks]
+    ctx = torch.tensor(starts) + 1
+    first = torch.tensor(own_start)
+    max_own = int((ctx - first).max())
+    pos = first.unsqueeze(1) + torch.arange(max_own).unsqueeze(0)  # [B, Lo] key positions
+    valid = pos < ctx.unsqueeze(1)
+    if sliding_window is not None:
+        valid &= pos > ctx.unsqueeze(1) - 1 - sliding_window
+    pos = torch.where(valid, pos, 0)
+    bt = _block_table_tensor(block_tables, -(-int(ctx.max()) // block_size))
+    slots = bt.gather(1, pos // block_size) * block_size + pos % block_size
+    new_slots = slots.gather(1, (ctx - 1 - first).unsqueeze(1)).squeeze(1)
+    bias = torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid, float("-inf")).view(
+        len(starts), 1, 1, max_own)
+    prefix_parts = None
+    if parts:
+        offsets = torch.arange(block_size)
+        prefix_parts = [PrefixPart(
+            rows=None if len(p.rows) == len(starts) else torch.tensor(p.rows, device=device),
+            slots=(torch.tensor(p.blocks).unsqueeze(1) * block_size + offsets).flatten().to(device))
+            for p in parts]
+    group = AttentionGroup(slots=slots.to(device), mask=None, bias=bias.to(device), q_rows=None, q_valid=None,
+                           num_rows=len(starts), prefix_parts=prefix_parts)
+    return group, new_slots
+
+
+def _prefill_group(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+                   sliding_window: int | None, row_offset: int,
+                   device: torch.device) -> tuple[AttentionGroup, torch.Tensor]:
+    """Prefill chunks, padded to the longest; also returns the new tokens' slots in flat-batch order."""
     ctx = [s + n for s, n in zip(starts, lens)]
     max_ctx, max_q = max(ctx), max(lens)
-    max_blocks = -(-max_ctx // block_size)
-    bt = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables],
-                      dtype=torch.long)
+    bt = _block_table_tensor(block_tables, -(-max_ctx // block_size))
     kv_pos = torch.arange(max_ctx)
     slots = bt[:, kv_pos // block_size] * block_size + (kv_pos % block_size)  # [B, max_ctx]
     q_off = torch.arange(max_q).unsqueeze(0)
@@ -53,21 +97,18 @@ def _group(block_tables: list[list[int]], starts: list[int], lens: list[int], bl
     mask = (kv <= q_pos.unsqueeze(-1)) & (kv < torch.tensor(ctx).view(-1, 1, 1))  # [B, Lq, Lk]
     if sliding_window is not None:
         mask &= kv > q_pos.unsqueeze(-1) - sliding_window
-    if max_q == 1:
-        bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf")).unsqueeze(1)
-        group = AttentionGroup(slots=slots.to(device), mask=None, bias=bias.to(device), q_rows=None,
-                               q_valid=None, num_rows=len(lens))
-    else:
-        first = torch.tensor([0] + lens[:-1]).cumsum(0).unsqueeze(1) + row_offset
-        q_rows = torch.where(q_valid, first + q_off, row_offset)
-        group = AttentionGroup(slots=slots.to(device), mask=mask.unsqueeze(1).to(device), bias=None,
-                               q_rows=q_rows.to(device), q_valid=q_valid.to(device), num_rows=sum(lens))
+    first = torch.tensor([0] + lens[:-1]).cumsum(0).unsqueeze(1) + row_offset
+    q_rows = torch.where(q_valid, first + q_off, row_offset)
+    group = AttentionGroup(slots=slots.to(device), mask=mask.unsqueeze(1).to(device), bias=None,
+                           q_rows=q_rows.to(device), q_valid=q_valid.to(device), num_rows=sum(lens))
     return group, new_slots
 
 
 def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-                   sliding_window: int | None, device: torch.device) -> AttentionMetadata:
-    """Metadata for a flat batch whose sequences with lens == 1 come first."""
+                   sliding_window: int | None, device: torch.device,
+                   hydragen: HydragenConfig | None = None) -> AttentionMetadata:
+    """Metadata for a flat batch whose sequences with lens == 1 come first. `hydragen` (None = off)
+    sets when decode rows sharing prefix blocks attend to them as a group."""
     n_dec = 0
     while n_dec < len(lens) and lens[n_dec] == 1:
         n_dec += 1
@@ -76,12 +117,12 @@ def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[
     decode = prefill = None
     new_slots = []
     if n_dec:
-        decode, slots = _group(block_tables[:n_dec], starts[:n_dec], lens[:n_dec], block_size, sliding_window,
-                               0, device)
+        decode, slots = _decode_group(block_tables[:n_dec], starts[:n_dec], block_size, sliding_window, hydragen,
+                                      device)
         new_slots.append(slots)
     if n_dec < len(lens):
-        prefill, slots = _group(block_tables[n_dec:], starts[n_dec:], lens[n_dec:], block_size, sliding_window,
-                                n_dec, device)
+        prefill, slots = _prefill_group(block_tables[n_dec:], starts[n_dec:], lens[n_dec:], block_size,
+                                        sliding_window, n_dec, device)
         new_slots.append(slots)
     return AttentionMetadata(slot_mapping=torch.cat(new_slots).to(device), decode=decode, prefill=prefill)
 
@@ -118,7 +159,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     parts = []
     if meta.decode is not None:
         g = meta.decode
-        parts.append(_attend_decode(q[:g.num_rows], k_cache, v_cache, g, scale))
+        if g.prefix_parts:
+            parts.append(hydragen_decode(q[:g.num_rows], k_cache, v_cache, g.slots, g.bias, g.prefix_parts, scale))
+        else:
+            parts.append(_attend_decode(q[:g.num_rows], k_cache, v_cache, g, scale))
     if meta.prefill is not None:
         g = meta.prefill
         out = _attend(q[g.q_rows], k_cache, v_cache, g, scale)

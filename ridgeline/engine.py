@@ -17,6 +17,7 @@ import torch
 
 from .attention import build_metadata
 from .config import ModelConfig
+from .hydragen import HydragenConfig
 from .kv_cache import BlockManager, CacheConfig, KVCachePool, parse_memory_size
 from .loader import load_checkpoint
 from .model import Transformer
@@ -73,12 +74,19 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    enable_hydragen: bool = True  # shared-prefix decode attention (exact; see hydragen.py)
+    hydragen_min_group: int = 2
+    hydragen_min_prefix_tokens: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.hydragen_min_group < 2:
+            raise ValueError(f"hydragen_min_group must be >= 2, got {self.hydragen_min_group}")
+        if self.hydragen_min_prefix_tokens < 1:
+            raise ValueError(f"hydragen_min_prefix_tokens must be >= 1, got {self.hydragen_min_prefix_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -118,6 +126,8 @@ class LLMEngine:
         self.cache_config = CacheConfig(block_size=bs, num_blocks=num_blocks)
         self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.hydragen = (HydragenConfig(config.hydragen_min_group, config.hydragen_min_prefix_tokens)
+                         if config.enable_hydragen else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.eos_ids = list(mc.eos_token_ids)
@@ -127,7 +137,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.stats = {"num_preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                      "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "hydragen_steps": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -239,7 +249,9 @@ class LLMEngine:
             row += n
 
         meta = build_metadata([s.block_table for s in seqs], starts, lens, self.cache_config.block_size,
-                              self.model_config.sliding_window, self.device)
+                              self.model_config.sliding_window, self.device, self.hydragen)
+        if meta.decode is not None and meta.decode.prefix_parts:
+            self.stats["hydragen_steps"] += 1
         dev = self.device
         logits = self.model.forward(
             torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta, self.kv,

@@ -1,4 +1,4 @@
-"""Automatic prefix caching and parallel-sampling forks: same outputs, shared blocks, no leaks."""
+"""Automatic prefix caching, Hydragen and parallel-sampling forks: same outputs, shared blocks, no leaks."""
 
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ def token_ids(outs) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def uncached():
-    """Reference engine with prefix caching off."""
-    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False)
+    """Reference engine with prefix caching and Hydragen off."""
+    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False,
+              enable_hydragen=False)
     return llm, token_ids(llm.generate(MIXED, GREEDY, use_tqdm=False))
 
 
-def test_prefix_caching_gives_identical_outputs(uncached):
+def test_prefix_caching_and_hydragen_give_identical_outputs(uncached):
     ref_llm, reference = uncached
-    assert ref_llm.engine.stats["prefix_cache_hits"] == 0
+    assert ref_llm.engine.stats["prefix_cache_hits"] == 0 and ref_llm.engine.stats["hydragen_steps"] == 0
     llm = LLM(dtype="float32", max_model_len=1024, kv_cache_memory="256MiB")
     first = llm.generate(MIXED, GREEDY, use_tqdm=False)
     stats = llm.engine.stats
+    assert stats["hydragen_steps"] > 0, "the six system-prompt requests should decode with a shared prefix"
     prefix_blocks = len(llm.get_tokenizer().encode(SYSTEM)) // 16
     # the five later system-prompt requests waited for the first to compute the shared blocks
     assert stats["prefix_cache_hits"] >= 5 * prefix_blocks * 16

@@ -1,0 +1,118 @@
+"""Hydragen shared-prefix attention for decode rows (Juravsky et al., 2024).
+
+When several decoding sequences hold the same physical KV blocks at the start of their
+block tables (a cached system prompt, n samples forked from one prompt), attention over
+that shared prefix is one matrix-matrix product: the group's queries are stacked into one
+matrix per KV head and multiplied by the prefix keys once, instead of one matrix-vector
+product per sequence, each re-reading the prefix. Each sequence then attends to its own
+remaining blocks, and the partial results are merged exactly through their log-sum-exp.
+
+Sharing can nest: after a prefix common to a whole group, a subgroup may share more blocks
+(a system prompt, then per-task few-shot examples). `find_shared_prefixes` walks the block
+tables like a trie and returns one part per level; the merge handles any number of parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HydragenConfig:
+    """When a shared prefix is worth its own attention part (see docs/benchmarks.md)."""
+    min_group: int = 2  # sequences sharing the prefix
+    min_prefix_tokens: int = 64
+
+
+@dataclass
+class SharedPrefix:
+    rows: list[int]  # decode rows (indices into the decode group) sharing the blocks
+    blocks: list[int]  # the shared physical blocks, in order
+
+
+def find_shared_prefixes(tables: list[list[int]], num_full_blocks: list[int], block_size: int,
+                         cfg: HydragenConfig) -> tuple[list[SharedPrefix], list[int]]:
+    """Shared-prefix parts over the decode rows' block tables, and each row's first own block.
+
+    Only full blocks (num_full_blocks[r] of row r) can be shared; blocks are compared by id,
+    which is exact: two sequences hold the same block only through the prefix cache or a fork.
+    """
+    parts: list[SharedPrefix] = []
+    own_start = [0] * len(tables)
+    min_blocks = max(1, -(-cfg.min_prefix_tokens // block_size))
+
+    def split(rows: list[int], depth: int) -> None:
+        by_block: dict[int, list[int]] = {}
+        for r in rows:
+            if depth < num_full_blocks[r]:
+                by_block.setdefault(tables[r][depth], []).append(r)
+            else:
+                own_start[r] = depth
+        for members in by_block.values():
+            lead = tables[members[0]]
+            end = depth + 1
+            limit = min(num_full_blocks[r] for r in members)
+            while end < limit and all(tables[r][end] == lead[end] for r in members):
+                end += 1
+            if len(members) < cfg.min_group or end - depth < min_blocks:
+                for r in members:
+                    own_start[r] = depth
+                continue
+            parts.append(SharedPrefix(rows=members, blocks=lead[depth:end]))
+            split(members, end)
+
+    split(list(range(len(tables))), 0)
+    return parts, own_start
+
+
+@dataclass
+class PrefixPart:
+    """A SharedPrefix as tensors for the attention kernel."""
+    rows: torch.Tensor | None  # [g] decode rows, None when the part covers every row
+    slots: torch.Tensor  # [P] cache slots of the prefix tokens
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 attention returning (out [..., R, D], lse [..., R]); q [..., R, D], k/v [..., L, D]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.matmul(torch.exp(scores - lse), v)
+    return out, lse.squeeze(-1)
+
+
+def hydragen_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, own_slots: torch.Tensor,
+                    own_bias: torch.Tensor, parts: list[PrefixPart], scale: float) -> torch.Tensor:
+    """Decode attention with shared prefixes. q: [B, Hq, D]; own_slots/own_bias: [B, Lo] / [B, 1, 1, Lo]
+    for each row's blocks after its shared prefixes. Returns [B, Hq, D] in q's dtype."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    grp = hq // hkv
+    qf = q.float().view(b, hkv, grp, d)
+    k = k_cache[own_slots].transpose(1, 2).float()  # [B, Hkv, Lo, D]
+    v = v_cache[own_slots].transpose(1, 2).float()
+    out, lse = _attend_lse(qf, k, v, scale, own_bias)  # [B, Hkv, G, D], [B, Hkv, G]
+    for part in parts:
+        pk = k_cache[part.slots].transpose(0, 1).float()  # [Hkv, P, D], read once for the group
+        pv = v_cache[part.slots].transpose(0, 1).float()
+        pq = qf if part.rows is None else qf[part.rows]  # [g, Hkv, G, D]
+        g = pq.shape[0]
+        stacked = pq.permute(1, 0, 2, 3).reshape(hkv, g * grp, d)  # every query of the group per KV head
+        p_out, p_lse = _attend_lse(stacked, pk, pv, scale)
+        p_out = p_out.view(hkv, g, grp, d).permute(1, 0, 2, 3)
+        p_lse = p_lse.view(hkv, g, grp).permute(1, 0, 2)
+        cur_out = out if part.rows is None else out[part.rows]
+        cur_lse = lse if part.rows is None else lse[part.rows]
+        new_lse = torch.logaddexp(cur_lse, p_lse)
+        merged = (cur_out * torch.exp(cur_lse - new_lse).unsqueeze(-1)
+                  + p_out * torch.exp(p_lse - new_lse).unsqueeze(-1))
+        if part.rows is None:
+            out, lse = merged, new_lse
+        else:
+            out = out.index_copy(0, part.rows, merged)
+            lse = lse.index_copy(0, part.rows, new_lse)
+    return out.reshape(b, hq, d).to(q.dtype)
