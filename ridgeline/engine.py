@@ -150,7 +150,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self._prompt_ids(prompt)
+        text, ids = self.prompt_ids(prompt)
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < vocab size {vocab}")
@@ -180,11 +180,15 @@ class LLMEngine:
         self.scheduler.add(req.seqs[0])
         return request_id
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+    def prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        """Validate a prompt and return (text or None, token ids). A dict with both 'prompt' and
+        'prompt_token_ids' keeps the text for the output and runs the ids."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
+                text = prompt.get("prompt")
+                _, ids = self.prompt_ids(prompt["prompt_token_ids"])
+                return (text if isinstance(text, str) else None), ids
+            if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")

@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .batch_order import BatchItem, prefix_aware_order
 from .engine import EngineConfig, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -35,8 +36,11 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in input order."""
+                 use_tqdm: bool = True, prefix_aware: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in input order.
+
+        With prefix_aware (and prefix caching on), prompts sharing a prefix are submitted
+        together, larger decode shares first (BatchLLM's ordering; see batch_order.py)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -49,7 +53,7 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        return self._run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm, prefix_aware)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -87,15 +91,24 @@ class LLM:
         finally:
             engine.abort_request(rid)
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
+             prefix_aware: bool) -> list[RequestOutput]:
         engine = self.engine
-        ids = []
+        parsed = [engine.prompt_ids(p) for p in prompts]  # a bad prompt rejects the whole call up front
+        order = list(range(len(prompts)))
+        if prefix_aware and engine.block_manager.enable_prefix_caching and len(prompts) > 1:
+            items = [BatchItem(ids, sp.max_tokens or engine.max_model_len - len(ids))
+                     for (_, ids), sp in zip(parsed, params)]
+            order = prefix_aware_order(items, engine.cache_config.block_size)
+        ids: list[str | None] = [None] * len(prompts)
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(engine.add_request(p, sp))
+            for i in order:
+                text, token_ids = parsed[i]
+                ids[i] = engine.add_request({"prompt": text, "prompt_token_ids": token_ids}, params[i])
         except Exception:
-            for rid in ids:  # a bad prompt rejects the whole call, leaving nothing queued
-                engine.abort_request(rid)
+            for rid in ids:  # leave nothing queued
+                if rid is not None:
+                    engine.abort_request(rid)
             raise
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
