@@ -27,12 +27,17 @@ def naive(q, k, v, start: int, window: int | None, scale: float) -> torch.Tensor
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("hq, hkv, window", [(4, 4, None), (8, 2, None), (9, 3, None), (6, 1, 7)])
-def test_paged_attention_matches_naive(hq, hkv, window):
+MIXED_SHAPES = [(0, 1), (5, 1), (13, 1), (31, 1), (0, 9), (6, 3), (17, 12), (3, 2)]
+LONE_CHUNK = [(5, 1), (0, 23)]  # the prefill chunk alone from position 0 takes the is_causal path
+
+
+@pytest.mark.parametrize("hq, hkv, window, shapes", [
+    (4, 4, None, MIXED_SHAPES), (8, 2, None, MIXED_SHAPES), (9, 3, None, MIXED_SHAPES), (6, 1, 7, MIXED_SHAPES),
+    (8, 2, None, LONE_CHUNK), (8, 2, 5, LONE_CHUNK)])
+def test_paged_attention_matches_naive(hq, hkv, window, shapes):
+    """shapes: (tokens already in the cache, new tokens this step), decodes first, then prefill chunks."""
     g = torch.Generator().manual_seed(hq * 10 + hkv)
     d, block_size, num_blocks = 16, 4, 64
-    # (tokens already in the cache, new tokens this step): decodes first, then prefill chunks.
-    shapes = [(0, 1), (5, 1), (13, 1), (31, 1), (0, 9), (6, 3), (17, 12), (3, 2)]
     perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered over the pool
     k_cache = torch.zeros(num_blocks * block_size, hkv, d)
     v_cache = torch.zeros_like(k_cache)
