@@ -43,6 +43,10 @@ class ServerMetrics:
                                          labels, registry=r).labels(model_name)
         self.preemptions = Counter("ridgeline:num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    labels, registry=r).labels(model_name)
+        self.prefix_queries = Counter("ridgeline:prefix_cache_queries", "Prompt blocks looked up in the prefix cache.",
+                                      labels, registry=r).labels(model_name)
+        self.prefix_hits = Counter("ridgeline:prefix_cache_hits", "Prompt blocks found in the prefix cache.",
+                                   labels, registry=r).labels(model_name)
         self._success = Counter("ridgeline:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model = model_name
@@ -54,7 +58,8 @@ class ServerMetrics:
                               labels, buckets=_TPOT_BUCKETS, registry=r).labels(model_name)
         self.e2e = Histogram("ridgeline:e2e_request_latency_seconds", "Arrival to last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
-        self._seen = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0}
+        self._seen = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def update(self, engine: LLMEngine, outputs: list[RequestOutput], running: int, waiting: int) -> None:
         """Refresh from the engine (engine thread only)."""
@@ -65,8 +70,9 @@ class ServerMetrics:
         self.kv_blocks_total.set(alloc.num_blocks)
         self.kv_usage.set(engine.block_manager.usage)
         for key, counter in (("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
-                             ("num_preemptions", self.preemptions)):
-            now = engine.stats[key]
+                             ("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
+                             ("prefix_cache_hits", self.prefix_hits)):
+            now = engine.stats.get(key, 0)  # engines without a prefix cache have no such counters
             if now > self._seen[key]:
                 counter.inc(now - self._seen[key])
             self._seen[key] = now
