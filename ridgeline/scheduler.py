@@ -101,7 +101,9 @@ class Scheduler:
             if len(self.running) + width > self.config.max_num_seqs:
                 break
             # A waiting sequence holds no blocks (new, or preempted and freed).
-            hits = self.blocks.match_prefix(seq.token_ids, seq.block_hashes)
+            # prompt_logprobs need every prompt position's logits: such a request computes its whole prompt.
+            hits = ([] if seq.request.params.prompt_logprobs is not None
+                    else self.blocks.match_prefix(seq.token_ids, seq.block_hashes))
             if self._prefix_pending(seq, len(hits)):
                 deferred.append(self.waiting.popleft())
                 continue

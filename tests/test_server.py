@@ -277,6 +277,18 @@ def test_echo_and_token_prompts(client, model_id, llm_fp32):
     r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=5, temperature=0, echo=True,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text == PROMPT + ref.outputs[0].text
+    # echo + logprobs: one entry per prompt and completion token (the first prompt token's is null),
+    # identical when the prompt's KV is already in the prefix cache.
+    long_prompt = MIXED_PROMPTS[4][:300]
+    runs = [client.completions.create(model=model_id, prompt=long_prompt, max_tokens=3, temperature=0, echo=True,
+                                      logprobs=1, extra_body={"ignore_eos": True}) for _ in range(2)]
+    for run in runs:
+        lp = run.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == run.usage.prompt_tokens + 3
+        assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
+        assert "".join(lp.tokens) == run.choices[0].text and run.choices[0].text.startswith(long_prompt)
+    assert runs[1].choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        runs[0].choices[0].logprobs.token_logprobs[1:], abs=1e-3)
     ids = list(ref.prompt_token_ids)
     r2 = client.completions.create(model=model_id, prompt=ids, max_tokens=5, temperature=0,
                                    extra_body={"ignore_eos": True})

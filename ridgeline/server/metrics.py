@@ -43,9 +43,9 @@ class ServerMetrics:
                                          labels, registry=r).labels(model_name)
         self.preemptions = Counter("ridgeline:num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    labels, registry=r).labels(model_name)
-        self.prefix_queries = Counter("ridgeline:prefix_cache_queries", "Prompt blocks looked up in the prefix cache.",
+        self.prefix_queries = Counter("ridgeline:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       labels, registry=r).labels(model_name)
-        self.prefix_hits = Counter("ridgeline:prefix_cache_hits", "Prompt blocks found in the prefix cache.",
+        self.prefix_hits = Counter("ridgeline:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels, registry=r).labels(model_name)
         self._success = Counter("ridgeline:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
