@@ -24,6 +24,7 @@ from .metrics import ServerMetrics
 
 log = logging.getLogger("ridgeline.server")
 T = TypeVar("T")
+IDLE_POLL_S = 0.002  # wait between steps that scheduled nothing (requests waiting on a shared prefix)
 
 
 class EngineDeadError(RuntimeError):
@@ -113,10 +114,16 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         engine = self.engine
+        stalled = False  # the last step scheduled nothing: wait a little instead of spinning
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                cmd = self._commands.get(block=not busy)
+                if not busy:
+                    cmd = self._commands.get()
+                elif stalled:
+                    cmd = self._commands.get(timeout=IDLE_POLL_S)
+                else:
+                    cmd = self._commands.get_nowait()
             except queue.Empty:
                 cmd = ...
             while cmd is not ...:
@@ -134,8 +141,10 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 self._after_step([])
                 continue
+            steps = engine.stats.get("steps", 0)
             try:
                 outputs = engine.step()
+                stalled = engine.stats.get("steps", 0) == steps
             except Exception as exc:  # a bug, not user input: fail in-flight requests, keep serving
                 log.exception("engine step failed")
                 self._fail_all(EngineDeadError(f"the engine failed: {exc!r}"))
