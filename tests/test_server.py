@@ -363,6 +363,16 @@ def test_client_disconnect_frees_blocks(server):
     # it was cut short: far fewer than 450 tokens were generated
     assert after["ridgeline:generation_tokens_total"] - before["ridgeline:generation_tokens_total"] < 400
 
+    # A non-streaming request whose client gives up is aborted as well.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", headers=headers, timeout=1.5,
+                   json={"prompt": PROMPT, "max_tokens": 450, "ignore_eos": True})
+    wait_for(lambda: server.metrics()["ridgeline:kv_cache_blocks_used"] == 0, timeout=10, what="blocks freed")
+    last = server.metrics()
+    assert last["ridgeline:num_requests_running"] == 0
+    assert last["ridgeline:request_aborted_total"] == after["ridgeline:request_aborted_total"] + 1
+    assert last["ridgeline:generation_tokens_total"] - after["ridgeline:generation_tokens_total"] < 400
+
 
 # ---------------------------------------------------------------------- bad input
 

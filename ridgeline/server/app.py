@@ -83,20 +83,8 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         err = APIError(500, f"internal server error: {type(exc).__name__}", type_="server_error")
         return JSONResponse(err.body(), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable):
-        if config.api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if not header:
-                err = APIError(401, "missing API key: send 'Authorization: Bearer KEY'",
-                               type_="authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
-                err = APIError(401, "incorrect API key provided", type_="authentication_error",
-                               code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if config.api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
 
     @app.get("/health")
     async def health() -> Response:
@@ -129,6 +117,29 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         return await server.chat(req, request)
 
     return app
+
+
+class _APIKeyMiddleware:
+    """Bearer-token check on /v1 routes, as plain ASGI (BaseHTTPMiddleware would wrap `receive`
+    and hide client disconnects from the handlers)."""
+
+    def __init__(self, app: Callable, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            err = None
+            if not header:
+                err = APIError(401, "missing API key: send 'Authorization: Bearer KEY'",
+                               type_="authentication_error", code="invalid_api_key")
+            elif scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                err = APIError(401, "incorrect API key provided", type_="authentication_error", code="invalid_api_key")
+            if err is not None:
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _json_body(request: Request) -> Any:
@@ -258,13 +269,18 @@ class _Server:
 
     async def _collect(self, job: _Job, request: Request) -> None:
         """Wait for every prompt's final output; give up (aborting) when the client disconnects."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while not job.done:
                 try:
-                    await asyncio.wait_for(self._next(job), timeout=DISCONNECT_POLL_S)
+                    await asyncio.wait_for(self._next(job), timeout=max(0.001, next_check - loop.time()))
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() >= next_check:  # outputs may arrive every step: check on a clock, not on silence
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + DISCONNECT_POLL_S
         except EngineDeadError as exc:
             raise APIError(503, str(exc), type_="server_error", code="service_unavailable") from None
         finally:
