@@ -261,7 +261,6 @@ class LLMEngine:
             torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta, self.kv,
             torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
-        bm = self.block_manager
         for seq, n in zip(seqs, lens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens <= seq.num_prompt_tokens:
