@@ -534,18 +534,31 @@ def test_full_queue_is_503_and_sigterm_exits_cleanly(small_server):
     ok = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
 
-    # SIGTERM with a request in flight: it finishes, then the server exits 0.
-    lines: list[str] = []
-    with httpx.Client(timeout=60) as c:
+    # SIGTERM with two requests in flight: the short one finishes; the long one (queued behind it)
+    # is aborted just before the 5 s shutdown deadline and its stream ends with an error event.
+    # Then the server exits 0.
+    short_lines: list[str] = []
+    long_lines: list[str] = []
+    with httpx.Client(timeout=60) as c, httpx.Client(timeout=60) as c2:
         with c.stream("POST", url + "/v1/completions",
-                      json={"prompt": PROMPT, "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
+                      json={"prompt": PROMPT, "max_tokens": 10, "ignore_eos": True, "stream": True}) as r:
             it = r.iter_lines()
-            lines.append(next(line for line in it if line.startswith("data: {")))
-            srv.proc.send_signal(signal.SIGTERM)
-            lines.extend(line for line in it if line)
-    assert lines[-1] == "data: [DONE]"
-    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+            short_lines.append(next(line for line in it if line.startswith("data: {")))
+            long_chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 450, "ignore_eos": True,
+                         "stream": True}
+            with c2.stream("POST", url + "/v1/chat/completions", json=long_chat) as r2:
+                assert r2.status_code == 200
+                srv.proc.send_signal(signal.SIGTERM)
+                short_lines.extend(line for line in it if line)
+                long_lines.extend(line for line in r2.iter_lines() if line)
+    assert short_lines[-1] == "data: [DONE]"
+    assert json.loads(short_lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert long_lines[-1] == "data: [DONE]"
+    err = json.loads(long_lines[-2][6:])["error"]
+    assert err["code"] == "service_unavailable" and "shutting down" in err["message"]
     assert srv.proc.wait(30) == 0
+    log = srv.proc.stdout.read()
+    assert "Traceback" not in log, log[-2000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
 

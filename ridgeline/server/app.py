@@ -364,6 +364,7 @@ class _Server:
             yield "data: [DONE]\n\n"
         except EngineDeadError as exc:
             yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
+            yield "data: [DONE]\n\n"
         finally:
             if not job.done:
                 self.aengine.abort(job.unfinished())
@@ -438,6 +439,7 @@ class _Server:
             yield "data: [DONE]\n\n"
         except EngineDeadError as exc:
             yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
+            yield "data: [DONE]\n\n"
         finally:
             if not job.done:
                 self.aengine.abort(job.unfinished())

@@ -101,6 +101,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 
+    def abort_all(self, reason: str) -> None:
+        """Abort every in-flight request; their handlers receive EngineDeadError(reason) and end cleanly."""
+        if not self._stopped.is_set():
+            self._commands.put(lambda: self._fail_all(EngineDeadError(reason)))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort whatever is left and stop the thread."""
         if self._stopped.is_set():

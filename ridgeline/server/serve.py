@@ -8,6 +8,7 @@ requested shutdown exits with status 0 (stock uvicorn re-raises the signal after
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -54,7 +55,21 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None, api_key:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server whose signal handling ends in a clean return (exit status 0)."""
+    """uvicorn.Server whose signal handling ends in a clean return (exit status 0), and which
+    aborts requests still running shortly before the graceful-shutdown deadline, so their
+    responses end with an error event instead of being cancelled mid-write."""
+
+    def __init__(self, config: uvicorn.Config, aengine: AsyncEngine):
+        super().__init__(config)
+        self.aengine = aengine
+
+    async def shutdown(self, sockets=None) -> None:
+        timeout = self.config.timeout_graceful_shutdown
+        if timeout is not None:
+            margin = min(1.0, timeout / 2)
+            asyncio.get_running_loop().call_later(
+                timeout - margin, self.aengine.abort_all, "the server is shutting down; the request was aborted")
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -80,7 +95,7 @@ def serve(engine_config: EngineConfig, options: ServeOptions) -> int:
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=options.shutdown_timeout, access_log=False,
                             lifespan="on")
-    server = _Server(config)
+    server = _Server(config, aengine)
     log.info("serving %s on http://%s:%d", default_model_name(engine), options.host, options.port)
     try:
         server.run()
