@@ -50,7 +50,7 @@ def _decode_group(block_tables: list[list[int]], starts: list[int], block_size: 
     unless Hydragen takes a shared prefix off the row (then attended once per group)."""
     parts: list[SharedPrefix] = []
     own_start = [0] * len(starts)
-    if hydragen is not None and sliding_window is None and len(starts) >= hydragen.min_group:
+    if hydragen is not None and sliding_window is None and len(starts) >= 2:
         parts, own_blocks = find_shared_prefixes(block_tables, [s // block_size for s in starts], block_size,
                                                  hydragen)
         if parts:

@@ -75,18 +75,15 @@ class EngineConfig:
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     enable_hydragen: bool = True  # shared-prefix decode attention (exact; see hydragen.py)
-    hydragen_min_group: int = 2
-    hydragen_min_prefix_tokens: int = 64
+    hydragen_min_saved_tokens: int = 512  # use a shared prefix of P tokens among g rows if (g-1)*P >= this
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.hydragen_min_group < 2:
-            raise ValueError(f"hydragen_min_group must be >= 2, got {self.hydragen_min_group}")
-        if self.hydragen_min_prefix_tokens < 1:
-            raise ValueError(f"hydragen_min_prefix_tokens must be >= 1, got {self.hydragen_min_prefix_tokens}")
+        if self.hydragen_min_saved_tokens < 1:
+            raise ValueError(f"hydragen_min_saved_tokens must be >= 1, got {self.hydragen_min_saved_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -126,8 +123,7 @@ class LLMEngine:
         self.cache_config = CacheConfig(block_size=bs, num_blocks=num_blocks)
         self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.hydragen = (HydragenConfig(config.hydragen_min_group, config.hydragen_min_prefix_tokens)
-                         if config.enable_hydragen else None)
+        self.hydragen = HydragenConfig(config.hydragen_min_saved_tokens) if config.enable_hydragen else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.eos_ids = list(mc.eos_token_ids)

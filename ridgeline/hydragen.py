@@ -21,9 +21,11 @@ import torch
 
 @dataclass
 class HydragenConfig:
-    """When a shared prefix is worth its own attention part (see docs/benchmarks.md)."""
-    min_group: int = 2  # sequences sharing the prefix
-    min_prefix_tokens: int = 64
+    """When a shared prefix is worth its own attention part: g >= 2 sequences sharing P tokens,
+    with (g - 1) * P >= min_saved_tokens, the prefix tokens whose K/V the grouped product saves
+    re-reading. Each part costs a dozen extra small ops per layer; on the 2-core CPU the
+    break-even measured in docs/benchmarks.md is a few hundred tokens."""
+    min_saved_tokens: int = 512
 
 
 @dataclass
@@ -41,7 +43,6 @@ def find_shared_prefixes(tables: list[list[int]], num_full_blocks: list[int], bl
     """
     parts: list[SharedPrefix] = []
     own_start = [0] * len(tables)
-    min_blocks = max(1, -(-cfg.min_prefix_tokens // block_size))
 
     def split(rows: list[int], depth: int) -> None:
         by_block: dict[int, list[int]] = {}
@@ -56,7 +57,7 @@ def find_shared_prefixes(tables: list[list[int]], num_full_blocks: list[int], bl
             limit = min(num_full_blocks[r] for r in members)
             while end < limit and all(tables[r][end] == lead[end] for r in members):
                 end += 1
-            if len(members) < cfg.min_group or end - depth < min_blocks:
+            if len(members) < 2 or (len(members) - 1) * (end - depth) * block_size < cfg.min_saved_tokens:
                 for r in members:
                     own_start[r] = depth
                 continue

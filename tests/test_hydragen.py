@@ -19,7 +19,7 @@ from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
 from .test_attention import naive
 
 BS = 8
-ALWAYS = HydragenConfig(min_group=2, min_prefix_tokens=1)
+ALWAYS = HydragenConfig(min_saved_tokens=1)
 
 
 class Pool:
@@ -97,14 +97,16 @@ def test_hydragen_matches_reference(hq, hkv):
     assert used > 0
 
 
-def test_thresholds_gate_hydragen():
-    assert run_case(8, 40, 0, 3, 8, 2, 0, HydragenConfig(min_group=2, min_prefix_tokens=64)) == 0
-    assert run_case(8, 80, 0, 3, 8, 2, 0, HydragenConfig(min_group=2, min_prefix_tokens=64)) == 1
-    assert run_case(3, 80, 0, 3, 8, 2, 0, HydragenConfig(min_group=4, min_prefix_tokens=8)) == 0
+def test_threshold_gates_hydragen():
+    rule = HydragenConfig(min_saved_tokens=512)
+    assert run_case(8, 72, 0, 3, 8, 2, 0, rule) == 0  # 7 x 72 = 504 tokens saved: not worth it
+    assert run_case(8, 80, 0, 3, 8, 2, 0, rule) == 1  # 7 x 80 = 560
+    assert run_case(2, 520, 0, 3, 8, 2, 0, rule) == 1
+    assert run_case(2, 500, 0, 3, 8, 2, 0, rule) == 0
 
 
 def test_find_shared_prefixes_nested():
     tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 12], [1, 2, 4, 13], [5, 6, 7, 14]]
-    parts, own = find_shared_prefixes(tables, [3, 3, 3, 3, 3], 16, HydragenConfig(min_group=2, min_prefix_tokens=16))
+    parts, own = find_shared_prefixes(tables, [3, 3, 3, 3, 3], 16, HydragenConfig(min_saved_tokens=16))
     assert [(p.rows, p.blocks) for p in parts] == [([0, 1, 2, 3], [1, 2]), ([0, 1], [3]), ([2, 3], [4])]
     assert own == [3, 3, 3, 3, 0]
