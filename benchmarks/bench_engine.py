@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from timing import median_time
 
 from ridgeline import LLM, SamplingParams
 from ridgeline.loader import default_model_path
@@ -49,15 +49,6 @@ def weight_bytes_per_token(llm: LLM) -> int:
     h, i = mc.hidden_size, mc.intermediate_size
     per_layer = h * (mc.q_size + 2 * mc.kv_size) + mc.q_size * h + 3 * h * i + 2 * h
     return elem * (mc.num_layers * per_layer + h + mc.vocab_size * h)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def prompt_of_length(tok, n: int) -> list[int]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_time
 
 from ridgeline import LLM, SamplingParams
 from ridgeline.attention import build_metadata, paged_attention
@@ -33,15 +34,6 @@ DTYPE = "bfloat16"
 DECODE_STEPS = 8
 BATCHES = (1, 8, 32, 64)
 PREFIXES = (512, 2048, 6144)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def text_ids(tok, n: int, seed: int = 0) -> list[int]:
