@@ -177,7 +177,7 @@ def test_stream_wire_format_ends_with_done(server):
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
-    assert set(first) >= {"id", "object", "created", "model", "choices"}
+    assert set(first) >= {"id", "object", "created", "model", "choices", "system_fingerprint"}
     assert set(first["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
 
 

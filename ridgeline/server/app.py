@@ -322,7 +322,8 @@ class _Server:
         params = job.params
         states = {(p, i): _Choice() for p in range(len(job.prompts)) for i in range(params.n)}
         index_of = {rid: p for p, rid in enumerate(job.request_ids)}
-        base = {"id": job.meta.id, "object": "text_completion", "created": job.meta.created, "model": job.meta.model}
+        base = {"id": job.meta.id, "object": "text_completion", "created": job.meta.created, "model": job.meta.model,
+                "system_fingerprint": None}
         extra = {"usage": None} if req.include_usage else {}
         completion_tokens = 0
         try:
