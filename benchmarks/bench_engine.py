@@ -114,7 +114,8 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    llm = LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory="1GiB")
+    # Prefix caching off: the repeated prompts would otherwise be cached after the first run.
+    llm = LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory="1GiB", enable_prefix_caching=False)
     ours = bench_ridgeline(llm, args.repeats)
     bytes_per_token = weight_bytes_per_token(llm)
     tok = llm.get_tokenizer()

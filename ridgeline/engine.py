@@ -133,7 +133,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.stats = {"num_preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "hydragen_steps": 0}
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_hit_rate": 0.0,
+                      "kv_blocks_shared": 0, "hydragen_steps": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -221,6 +222,8 @@ class LLMEngine:
         bm = self.block_manager
         self.stats["prefix_cache_queries"] = bm.num_cache_queries
         self.stats["prefix_cache_hits"] = bm.num_cache_hits
+        self.stats["prefix_cache_hit_rate"] = bm.num_cache_hits / max(1, bm.num_cache_queries)
+        self.stats["kv_blocks_shared"] = bm.allocator.num_shared
         if not batch.seqs:
             return []
         self.stats["steps"] += 1

@@ -77,6 +77,7 @@ class BlockAllocator:
         self.cached: dict[int, int] = {}  # content hash -> block id
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with no reference, LRU first
         self.num_evictions = 0
+        self.num_shared = 0  # blocks referenced by more than one sequence
 
     @property
     def num_free(self) -> int:
@@ -87,10 +88,6 @@ class BlockAllocator:
     def num_used(self) -> int:
         """Blocks referenced by at least one sequence."""
         return self.num_blocks - self.num_free
-
-    @property
-    def num_shared(self) -> int:
-        return sum(1 for c in self.ref_counts if c > 1)
 
     def allocate(self) -> int:
         if self.free_blocks:
@@ -107,11 +104,15 @@ class BlockAllocator:
         """One more reference to a block (a prefix-cache hit or a forked sample)."""
         if self.ref_counts[block] == 0:
             del self.evictable[block]
+        elif self.ref_counts[block] == 1:
+            self.num_shared += 1
         self.ref_counts[block] += 1
 
     def release(self, block: int) -> None:
         self.ref_counts[block] -= 1
-        if self.ref_counts[block] == 0:
+        if self.ref_counts[block] == 1:
+            self.num_shared -= 1
+        elif self.ref_counts[block] == 0:
             if self.block_hash[block] is not None:
                 self.evictable[block] = None
             else:

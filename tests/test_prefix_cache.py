@@ -21,7 +21,7 @@ MIXED = [SYSTEM + "\nQ: " + q for q in QUESTIONS[:3]] + ["The quick brown fox", 
 def assert_no_leak(llm: LLM) -> None:
     alloc = llm.engine.block_manager.allocator
     assert all(c == 0 for c in alloc.ref_counts), "a block is still referenced"
-    assert alloc.num_used == 0 and alloc.num_free == alloc.num_blocks
+    assert alloc.num_used == 0 and alloc.num_free == alloc.num_blocks and alloc.num_shared == 0
     assert len(alloc.free_blocks) + len(alloc.evictable) == alloc.num_blocks
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
     assert not llm.engine.scheduler.pending_prefix
@@ -98,6 +98,7 @@ def test_n16_forks_share_the_prompt_blocks():
     # where computing the prompt per sample would hold 16 x 63.
     assert alloc.num_used == full + 16
     assert all(alloc.ref_counts[b] == 16 for b in req.seqs[0].block_table[:full])
+    assert alloc.num_shared == full
     assert engine.stats["prompt_tokens"] == len(prompt)
     assert all(len(s.output_token_ids) == 1 for s in req.seqs)
     done = None

@@ -132,7 +132,9 @@ def test_models_health_and_metrics(server, client, model_id):
     for name in ("ridgeline:num_requests_running", "ridgeline:num_requests_waiting", "ridgeline:kv_cache_usage_perc",
                  "ridgeline:kv_cache_blocks_used", "ridgeline:prompt_tokens_total", "ridgeline:generation_tokens_total",
                  "ridgeline:num_preemptions_total", "ridgeline:time_to_first_token_seconds_count",
-                 "ridgeline:time_per_output_token_seconds_count", "ridgeline:e2e_request_latency_seconds_count"):
+                 "ridgeline:time_per_output_token_seconds_count", "ridgeline:e2e_request_latency_seconds_count",
+                 "ridgeline:prefix_cache_queries_total", "ridgeline:prefix_cache_hits_total",
+                 "ridgeline:prefix_cache_hit_rate", "ridgeline:kv_cache_blocks_shared"):
         assert name in m, name
     assert m["ridgeline:kv_cache_blocks_total"] > 0
 
@@ -333,7 +335,7 @@ def test_64_concurrent_streams_match_offline(server, model_id, llm_fp32):
     m = server.metrics()
     assert m["ridgeline:num_requests_running"] == 0
     assert m["ridgeline:num_requests_waiting"] == 0
-    assert m["ridgeline:kv_cache_blocks_used"] == 0
+    assert m["ridgeline:kv_cache_blocks_used"] == 0 and m["ridgeline:kv_cache_blocks_shared"] == 0
     assert m["ridgeline:kv_cache_usage_perc"] == 0
     assert m["ridgeline:generation_tokens_total"] >= 640
 

@@ -294,7 +294,7 @@ class _Server:
         prompts = req.prompts()
         job = await self._submit("cmpl", req.model, prompts, params, "prompt")
         if req.stream:
-            return _sse(self._stream_completion(job, req))
+            return _sse(self._stream_completion(job, req), self, job)
         await self._collect(job, request)
         if not job.done:
             return Response(status_code=499)
@@ -378,7 +378,7 @@ class _Server:
         job = await self._submit("chatcmpl", req.model, [(messages, req.add_generation_prompt)], params,
                                  "messages")
         if req.stream:
-            return _sse(self._stream_chat(job, req))
+            return _sse(self._stream_chat(job, req), self, job)
         await self._collect(job, request)
         if not job.done:
             return Response(status_code=499)
@@ -496,9 +496,28 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends. A client gone before the first chunk
+    means the body generator never starts, so its own `finally` (which aborts) would never run."""
+
+    def __init__(self, gen: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(gen: AsyncIterator[str], server: "_Server", job: _Job) -> StreamingResponse:
+    def close() -> None:
+        if job.unfinished():
+            server.aengine.abort(job.unfinished())
+
+    return _EventStream(gen, close)
 
 
 def _token_str(entry: dict[int, Logprob], token: int) -> str:

@@ -37,6 +37,12 @@ class ServerMetrics:
                                     labels, registry=r).labels(model_name)
         self.kv_blocks_total = Gauge("ridgeline:kv_cache_blocks_total", "KV-cache blocks in the pool.",
                                      labels, registry=r).labels(model_name)
+        self.kv_blocks_shared = Gauge("ridgeline:kv_cache_blocks_shared",
+                                      "KV-cache blocks referenced by more than one sequence (prefix hits, forks).",
+                                      labels, registry=r).labels(model_name)
+        self.prefix_hit_rate = Gauge("ridgeline:prefix_cache_hit_rate",
+                                     "Prompt tokens found in the prefix cache / looked up, since start.",
+                                     labels, registry=r).labels(model_name)
         self.prompt_tokens = Counter("ridgeline:prompt_tokens", "Prompt tokens prefilled (recomputation included).",
                                      labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("ridgeline:generation_tokens", "Tokens generated.",
@@ -69,6 +75,8 @@ class ServerMetrics:
         self.kv_blocks_used.set(alloc.num_used)
         self.kv_blocks_total.set(alloc.num_blocks)
         self.kv_usage.set(engine.block_manager.usage)
+        self.kv_blocks_shared.set(alloc.num_shared)
+        self.prefix_hit_rate.set(engine.stats.get("prefix_cache_hit_rate", 0.0))
         for key, counter in (("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
                              ("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits)):
