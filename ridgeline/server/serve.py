@@ -1,6 +1,7 @@
 """Start the server: load the engine, wrap it, and run uvicorn until SIGTERM/SIGINT.
 
-On a signal uvicorn stops accepting connections, lets in-flight responses finish for up to
+The engine's step loop owns the main thread; uvicorn runs in a second one. On a signal uvicorn
+stops accepting connections, lets in-flight responses finish for up to
 `shutdown_timeout` seconds, cancels the rest (their handlers abort their requests), then the
 app's lifespan stops the engine thread. We install our own signal handlers so that a
 requested shutdown exits with status 0 (stock uvicorn re-raises the signal afterwards).
@@ -45,11 +46,12 @@ def default_model_name(engine: LLMEngine) -> str:
 
 
 def create_app(engine: LLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               max_queue: int | None = None) -> tuple[FastAPI, AsyncEngine]:
-    """App plus the AsyncEngine that owns `engine` from now on (its step thread is running)."""
+               max_queue: int | None = None, start_thread: bool = True) -> tuple[FastAPI, AsyncEngine]:
+    """App plus the AsyncEngine that owns `engine` from now on (its step thread is running, unless
+    start_thread=False: then the caller runs aengine.run())."""
     name = served_model_name or default_model_name(engine)
     metrics = ServerMetrics(name)
-    aengine = AsyncEngine(engine, metrics)
+    aengine = AsyncEngine(engine, metrics, start_thread=start_thread)
     app = build_app(aengine, metrics, ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue))
     return app, aengine
 
@@ -90,15 +92,31 @@ class _Server(uvicorn.Server):
 
 
 def serve(engine_config: EngineConfig, options: ServeOptions) -> int:
+    """The engine's step loop runs in the main thread (torch's CPU kernels are fastest there) and
+    uvicorn's event loop in a second thread; SIGTERM/SIGINT reach the main thread and tell uvicorn
+    to shut down gracefully, after which the app's lifespan stops the step loop."""
     engine = LLMEngine(engine_config)
-    app, aengine = create_app(engine, options.served_model_name, options.api_key, options.max_queue)
+    app, aengine = create_app(engine, options.served_model_name, options.api_key, options.max_queue,
+                              start_thread=False)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=options.shutdown_timeout, access_log=False,
                             lifespan="on")
     server = _Server(config, aengine)
     log.info("serving %s on http://%s:%d", default_model_name(engine), options.host, options.port)
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:
+            aengine.shutdown()  # also when uvicorn could not start: ends the step loop below
+
+    http = threading.Thread(target=run_http, name="ridgeline-http", daemon=True)
+    previous = {sig: signal.signal(sig, server._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        http.start()
+        aengine.run()
+        http.join()
     finally:
-        aengine.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if server.started or server.should_exit else 1
