@@ -104,7 +104,6 @@ def _build_parser() -> argparse.ArgumentParser:
     _sampling_args(chat)
     _engine_args(chat)
     chat.set_defaults(func=cmd_chat)
-    # Later subcommands (serve, bench) register here.
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                            description="Serve the model over an OpenAI-compatible HTTP API "
                                        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")

@@ -3,9 +3,9 @@
 Handlers parse and validate the body themselves (so bad JSON and wrongly typed fields are
 400s in OpenAI's error format, never FastAPI's 422), run tokenization and admission in the
 engine thread through AsyncEngine.call, then either collect the final outputs or stream
-deltas as server-sent events. A handler that ends early (client gone, cancelled by
-shutdown) aborts its engine requests in `finally`, which frees their KV blocks before the
-next step.
+deltas as server-sent events. A request that ends early (client gone, cancelled by
+shutdown) is aborted, by `_collect` or by the event stream's close, which frees its KV blocks
+before the next step.
 """
 
 from __future__ import annotations
@@ -366,9 +366,6 @@ class _Server:
         except EngineDeadError as exc:
             yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
             yield "data: [DONE]\n\n"
-        finally:
-            if not job.done:
-                self.aengine.abort(job.unfinished())
 
     # -------------------------------------------------------------- /v1/chat/completions
 
@@ -441,9 +438,6 @@ class _Server:
         except EngineDeadError as exc:
             yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
             yield "data: [DONE]\n\n"
-        finally:
-            if not job.done:
-                self.aengine.abort(job.unfinished())
 
 
 # ---------------------------------------------------------------------- engine-thread admission
