@@ -187,16 +187,17 @@ class AsyncEngine:
             self._pending -= 1
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
+        # Counts and metrics first: a client that has seen its token must also see itself running.
+        with self._count_lock:
+            self._update_counts()
+        if self.metrics is not None:
+            self.metrics.update(self.engine, outputs, self._num_running, self._num_waiting)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if stream is not None:
                 _deliver(stream.loop, stream.queue.put_nowait, out)
-        with self._count_lock:
-            self._update_counts()
-        if self.metrics is not None:
-            self.metrics.update(self.engine, outputs, self._num_running, self._num_waiting)
 
     def _update_counts(self) -> None:
         running = waiting = 0
@@ -237,14 +238,16 @@ class _Call:
         self.owner, self.fn, self.loop, self.fut = owner, fn, loop, fut
 
     def __call__(self) -> None:
+        # Counts are updated before the result is handed over, so a client that reacts to it
+        # at once (e.g. sends its next request) never sees a stale queue length.
         try:
             result = self.fn(self.owner.engine)
         except BaseException as exc:  # noqa: BLE001  (handed to the awaiting handler)
+            self.owner._call_done()
             self.fail(exc)
         else:
-            _deliver(self.loop, _set_result, self.fut, result)
-        finally:
             self.owner._call_done()
+            _deliver(self.loop, _set_result, self.fut, result)
 
     def fail(self, exc: BaseException) -> None:
         _deliver(self.loop, _set_exception, self.fut, exc)
