@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .hydragen import HydragenConfig, PrefixPart, SharedPrefix, find_shared_prefixes, hydragen_decode
+from .kv_cache import gather_kv
 
 
 @dataclass
@@ -134,25 +135,42 @@ def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
             scale: float) -> torch.Tensor:
     """q: [B, Lq, Hq, D] -> [B, Lq, Hq, D]."""
-    k = k_cache[g.slots].transpose(1, 2)  # [B, Hkv, Lk, D]
-    v = v_cache[g.slots].transpose(1, 2)
+    k = gather_kv(k_cache, g.slots).transpose(1, 2)  # [B, Hkv, Lk, D]
+    v = gather_kv(v_cache, g.slots).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=g.mask, is_causal=g.mask is None,
                                          scale=scale, enable_gqa=k.shape[1] != q.shape[2])
     return out.transpose(1, 2)
 
 
+# Decode attention gathers each sequence's K/V into a dense float32 copy; past ~8k key rows
+# per call that copy falls out of the CPU's last-level cache and the step slows 2-4x (e.g.
+# 16 sequences x 4,096 keys: 50 ms per layer in one call, 13 ms in chunks of two).
+DECODE_KEYS_PER_CALL = 8192
+
+
 def _attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                    scale: float) -> torch.Tensor:
-    """One query per sequence, q: [B, Hq, D] -> [B, Hq, D], computed in float32.
+    """One query per sequence, q: [B, Hq, D] -> [B, Hq, D], computed in float32, in chunks of
+    sequences of at most DECODE_KEYS_PER_CALL gathered keys.
 
     PyTorch's CPU attention kernels are several times slower in bfloat16 than in float32 for
     a single query row (e.g. 65 vs 32 us at batch 1, context 40; see docs/benchmarks.md), and
     the K/V read per step is small next to the weights, so decode upcasts.
     """
     b, hq, d = q.shape
-    k = k_cache[g.slots].transpose(1, 2).float()  # [B, Hkv, Lk, D]
-    v = v_cache[g.slots].transpose(1, 2).float()
-    out = F.scaled_dot_product_attention(q.float().view(b, hq, 1, d), k, v, attn_mask=g.bias, scale=scale,
+    rows = max(1, DECODE_KEYS_PER_CALL // g.slots.shape[1])
+    if rows < b:
+        return torch.cat([_attend_decode_rows(q[i:i + rows], k_cache, v_cache, g.slots[i:i + rows],
+                                              g.bias[i:i + rows], scale) for i in range(0, b, rows)])
+    return _attend_decode_rows(q, k_cache, v_cache, g.slots, g.bias, scale)
+
+
+def _attend_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                        bias: torch.Tensor, scale: float) -> torch.Tensor:
+    b, hq, d = q.shape
+    k = gather_kv(k_cache, slots).transpose(1, 2).float()  # [B, Hkv, Lk, D]
+    v = gather_kv(v_cache, slots).transpose(1, 2).float()
+    out = F.scaled_dot_product_attention(q.float().view(b, hq, 1, d), k, v, attn_mask=bias, scale=scale,
                                          enable_gqa=k.shape[1] != hq)
     return out.view(b, hq, d).to(q.dtype)
 

@@ -17,6 +17,7 @@ import torch
 
 from .attention import build_metadata
 from .config import ModelConfig
+from .cpu_memory import reuse_freed_memory
 from .hydragen import HydragenConfig
 from .kv_cache import BlockManager, CacheConfig, KVCachePool, parse_memory_size
 from .loader import load_checkpoint
@@ -98,6 +99,8 @@ class LLMEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
 
         ckpt = load_checkpoint(config.model)
         self.model_path = ckpt.path

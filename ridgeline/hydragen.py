@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import gather_kv
+
 
 @dataclass
 class HydragenConfig:
@@ -94,12 +96,12 @@ def hydragen_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hkv = k_cache.shape[1]
     grp = hq // hkv
     qf = q.float().view(b, hkv, grp, d)
-    k = k_cache[own_slots].transpose(1, 2).float()  # [B, Hkv, Lo, D]
-    v = v_cache[own_slots].transpose(1, 2).float()
+    k = gather_kv(k_cache, own_slots).transpose(1, 2).float()  # [B, Hkv, Lo, D]
+    v = gather_kv(v_cache, own_slots).transpose(1, 2).float()
     out, lse = _attend_lse(qf, k, v, scale, own_bias)  # [B, Hkv, G, D], [B, Hkv, G]
     for part in parts:
-        pk = k_cache[part.slots].transpose(0, 1).float()  # [Hkv, P, D], read once for the group
-        pv = v_cache[part.slots].transpose(0, 1).float()
+        pk = gather_kv(k_cache, part.slots).transpose(0, 1).float()  # [Hkv, P, D], read once for the group
+        pv = gather_kv(v_cache, part.slots).transpose(0, 1).float()
         pq = qf if part.rows is None else qf[part.rows]  # [g, Hkv, G, D]
         g = pq.shape[0]
         stacked = pq.permute(1, 0, 2, 3).reshape(hkv, g * grp, d)  # every query of the group per KV head

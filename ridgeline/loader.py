@@ -92,6 +92,36 @@ def load_checkpoint(model: str | os.PathLike | None) -> Checkpoint:
     return _load_gguf(path)
 
 
+def load_model_config(model: str | os.PathLike | None) -> ModelConfig:
+    """The architecture alone, without reading weights: from a GGUF's metadata, a checkpoint
+    directory's config.json, or a bare config.json file (to plan for a model not on disk)."""
+    if model is not None and Path(model).expanduser().suffix.lower() == ".json":
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model: {str(model)!r} does not exist")
+        return _read_hf_config(path)
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return _read_hf_config(path / "config.json")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise UnsupportedModelError(f"model: {path} is not a readable GGUF file ({exc})") from exc
+    return ModelConfig.from_gguf(read_gguf_metadata(reader), {t.name for t in reader.tensors})
+
+
+def _read_hf_config(path: Path) -> ModelConfig:
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"model: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"model: {path} must hold a JSON object")
+    return ModelConfig.from_hf(cfg)
+
+
 # ---------------------------------------------------------------- GGUF
 
 def read_gguf_metadata(reader) -> dict:
@@ -153,11 +183,7 @@ def _load_gguf(path: Path) -> Checkpoint:
 def _load_hf(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise UnsupportedModelError(f"model: {path / 'config.json'} is not valid JSON ({exc})") from exc
-    config = ModelConfig.from_hf(cfg)
+    config = _read_hf_config(path / "config.json")
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ridgeline import attention
 from ridgeline.attention import build_metadata, paged_attention
 
 
@@ -31,11 +32,14 @@ MIXED_SHAPES = [(0, 1), (5, 1), (13, 1), (31, 1), (0, 9), (6, 3), (17, 12), (3, 
 LONE_CHUNK = [(5, 1), (0, 23)]  # the prefill chunk alone from position 0 takes the is_causal path
 
 
-@pytest.mark.parametrize("hq, hkv, window, shapes", [
-    (4, 4, None, MIXED_SHAPES), (8, 2, None, MIXED_SHAPES), (9, 3, None, MIXED_SHAPES), (6, 1, 7, MIXED_SHAPES),
-    (8, 2, None, LONE_CHUNK), (8, 2, 5, LONE_CHUNK)])
-def test_paged_attention_matches_naive(hq, hkv, window, shapes):
+@pytest.mark.parametrize("hq, hkv, window, shapes, keys_per_call", [
+    (4, 4, None, MIXED_SHAPES, None), (8, 2, None, MIXED_SHAPES, None), (9, 3, None, MIXED_SHAPES, None),
+    (6, 1, 7, MIXED_SHAPES, None), (8, 2, None, LONE_CHUNK, None), (8, 2, 5, LONE_CHUNK, None),
+    (8, 2, None, MIXED_SHAPES, 70)])  # decode rows attended in chunks of two sequences
+def test_paged_attention_matches_naive(hq, hkv, window, shapes, keys_per_call, monkeypatch):
     """shapes: (tokens already in the cache, new tokens this step), decodes first, then prefill chunks."""
+    if keys_per_call is not None:
+        monkeypatch.setattr(attention, "DECODE_KEYS_PER_CALL", keys_per_call)
     g = torch.Generator().manual_seed(hq * 10 + hkv)
     d, block_size, num_blocks = 16, 4, 64
     perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered over the pool
