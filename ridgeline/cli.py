@@ -1,4 +1,5 @@
-"""Command line: `ridgeline generate PROMPT`, `ridgeline chat`, `ridgeline serve` and `ridgeline bench serve`.
+"""Command line: `ridgeline generate PROMPT`, `chat`, `serve`, `bench serve`, `perf probe|calibrate`,
+`plan` and `simulate`.
 
 Bad input (an invalid sampling option, a missing model file, an empty prompt) prints one
 line `error: <message>` to stderr and exits with status 2; there are no tracebacks for
@@ -135,6 +136,36 @@ def _build_parser() -> argparse.ArgumentParser:
                                           "(vLLM's benchmark definitions).")
     _bench_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    from .perf import cli as perf_cli
+
+    perf = sub.add_parser("perf", help="hardware specs: measure or calibrate this machine",
+                          description="Measure this machine (probe) or fit the performance model to it (calibrate).")
+    perf_sub = perf.add_subparsers(dest="perf_command", metavar="PERF", required=True)
+    probe = perf_sub.add_parser("probe", help="measure matmul rates, memory bandwidth and dispatch overhead",
+                                description="Measure this machine's peaks and save them as a hardware spec.")
+    perf_cli.add_probe_arguments(probe)
+    probe.set_defaults(func=perf_cli.run_probe)
+    cal = perf_sub.add_parser("calibrate", help="fit the performance model to timed engine steps",
+                              description="Time at most 10 engine steps, fit the model's efficiency and "
+                                          "overhead terms, report the error on a held-out grid of step "
+                                          "shapes, and save the spec (default name: local).")
+    perf_cli.add_calibrate_arguments(cal)
+    cal.set_defaults(func=perf_cli.run_calibrate)
+
+    plan = sub.add_parser("plan", help="predict TTFT, TPOT, throughput and the largest batch on a device",
+                          description="Roofline capacity planner: serving figures for a model on a hardware "
+                                      "spec, and the largest batch meeting the SLOs.")
+    perf_cli.add_plan_arguments(plan)
+    plan.set_defaults(func=perf_cli.run_plan)
+
+    from .sim import cli as sim_cli
+
+    sim = sub.add_parser("simulate", help="discrete-event simulation of serving on N replicas",
+                         description="Simulate a workload on replicas of a hardware spec with step times from "
+                                     "the performance model and the engine's scheduling rules.")
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(func=sim_cli.run_from_args)
     return parser
 
 

@@ -102,19 +102,21 @@ class BenchConfig:
             raise ValueError(f"--num-warmups must be >= 0, got {self.num_warmups}")
 
 
-def build_dataset(args: argparse.Namespace) -> list[BenchRequest]:
+def build_dataset(args: argparse.Namespace, text: bool = True) -> list[BenchRequest]:
+    """The dataset the options describe; text=False: lengths only (the serving simulator)."""
     n = args.num_prompts
     if args.dataset == "random":
-        return random_dataset(n, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed)
+        return random_dataset(n, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed,
+                              text=text)
     if args.dataset == "prefix-repetition":
         return prefix_repetition_dataset(n, args.prefix_repetition_prefix_len, args.prefix_repetition_suffix_len,
                                          args.prefix_repetition_num_prefixes, args.prefix_repetition_output_len,
-                                         args.seed)
+                                         args.seed, text=text)
     turns = args.multi_turn_num_turns
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_prompts must be an integer >= 1, got {n!r}")
     convs = multi_turn_dataset(-(-n // max(1, turns)), turns, args.multi_turn_system_len, args.multi_turn_user_len,
-                               args.multi_turn_assistant_len, args.multi_turn_output_len, args.seed)
+                               args.multi_turn_assistant_len, args.multi_turn_output_len, args.seed, text=text)
     return convs[:n]
 
 
@@ -253,7 +255,8 @@ async def run_benchmark(requests: list[BenchRequest], cfg: BenchConfig) -> tuple
 
 
 def plot_cdfs(records: list[RequestRecord], path: str, title: str) -> None:
-    """Empirical CDFs of TTFT, TPOT, ITL and E2E latency (ms), one panel each."""
+    """Empirical CDFs of TTFT, TPOT, ITL and E2E latency (ms), one panel each (none for a metric
+    the records do not have, e.g. ITL in simulated runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +265,9 @@ def plot_cdfs(records: list[RequestRecord], path: str, title: str) -> None:
     ok = [r for r in records if r.success]
     series = {"TTFT": [r.ttft for r in ok], "TPOT": [r.tpot for r in ok if r.tpot is not None],
               "ITL": [g for r in ok for g in r.itl], "E2E latency": [r.latency for r in ok]}
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    series = {k: v for k, v in series.items() if v or k == "TTFT"}
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.6), squeeze=False)
+    axes = axes[0]
     for ax, (name, vals) in zip(axes, series.items()):
         if vals:
             x = np.sort(np.asarray(vals) * 1000)

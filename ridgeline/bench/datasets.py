@@ -49,8 +49,11 @@ def _length(rng: random.Random, mean: int, range_ratio: float) -> int:
 
 
 def random_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                   seed: int = 0) -> list[BenchRequest]:
-    """Independent prompts with lengths drawn around input_len / output_len."""
+                   seed: int = 0, text: bool = True) -> list[BenchRequest]:
+    """Independent prompts with lengths drawn around input_len / output_len.
+
+    text=False draws the lengths only (prompt None), as the serving simulator needs them: the
+    same distributions without generating the words."""
     _check(num_prompts=num_prompts, input_len=input_len, output_len=output_len)
     if not 0 <= range_ratio < 1:
         raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
@@ -58,39 +61,46 @@ def random_dataset(num_prompts: int, input_len: int, output_len: int, range_rati
     out = []
     for _ in range(num_prompts):
         n_in = _length(rng, input_len, range_ratio)
-        out.append(BenchRequest(_words(rng, n_in), None, n_in, _length(rng, output_len, range_ratio)))
+        out.append(BenchRequest(_words(rng, n_in) if text else None, None, n_in,
+                                _length(rng, output_len, range_ratio)))
     return out
 
 
 def prefix_repetition_dataset(num_prompts: int, prefix_len: int, suffix_len: int, num_prefixes: int,
-                              output_len: int, seed: int = 0) -> list[BenchRequest]:
-    """Prompts sharing one of `num_prefixes` long prefixes, each with its own suffix (prefix-cache workloads)."""
+                              output_len: int, seed: int = 0, text: bool = True) -> list[BenchRequest]:
+    """Prompts sharing one of `num_prefixes` long prefixes, each with its own suffix (prefix-cache workloads).
+    text=False: lengths and prefix ids only."""
     _check(num_prompts=num_prompts, prefix_len=prefix_len, num_prefixes=num_prefixes, output_len=output_len)
     if suffix_len < 0:
         raise ValueError(f"suffix_len must be >= 0, got {suffix_len}")
     rng = random.Random(seed)
-    prefixes = [_words(rng, prefix_len) for _ in range(num_prefixes)]
+    prefixes = [_words(rng, prefix_len) if text else "" for _ in range(num_prefixes)]
     out = []
     for i in range(num_prompts):
         k = i % num_prefixes
-        suffix = _words(rng, suffix_len)
-        prompt = f"{prefixes[k]} {suffix}" if suffix else prefixes[k]
+        suffix = _words(rng, suffix_len) if text else ""
+        prompt = (f"{prefixes[k]} {suffix}" if suffix else prefixes[k]) if text else None
         out.append(BenchRequest(prompt, None, prefix_len + suffix_len, output_len, {"prefix": k}))
     rng.shuffle(out)
     return out
 
 
 def multi_turn_dataset(num_conversations: int, turns: int, system_len: int, user_len: int,
-                       assistant_len: int, output_len: int, seed: int = 0) -> list[BenchRequest]:
+                       assistant_len: int, output_len: int, seed: int = 0, text: bool = True) -> list[BenchRequest]:
     """Chat requests sharing one system prompt; turn t of a conversation carries its t - 1 earlier turns.
 
     Earlier assistant replies are synthetic (fixed text), so requests are independent of one
-    another's outputs and may be sent in any order or concurrently.
+    another's outputs and may be sent in any order or concurrently. text=False: lengths and
+    (conversation, turn) only, messages None.
     """
     _check(num_conversations=num_conversations, turns=turns, user_len=user_len, output_len=output_len)
     if system_len < 0 or assistant_len < 0:
         raise ValueError("system_len and assistant_len must be >= 0")
     rng = random.Random(seed)
+    if not text:
+        return [BenchRequest(None, None, system_len + (t + 1) * user_len + t * assistant_len, output_len,
+                             {"conversation": c, "turn": t})
+                for c in range(num_conversations) for t in range(turns)]
     system = _words(rng, system_len)
     out = []
     for c in range(num_conversations):

@@ -1,0 +1,246 @@
+"""`ridgeline perf calibrate`: time a few real engine steps and fit the spec's efficiency and
+overhead terms (HELP's few-sample idea: the roofline supplies the shape of the latency
+function, a handful of measurements on the new device pins its constants).
+
+Steps are timed through `LLMEngine.step()` itself (scheduler, metadata, forward, sampling,
+output processing), on sequences placed directly into the scheduler as if their first
+`context` tokens were already computed: the KV contents are zeros, which costs the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import EngineConfig, LLMEngine
+from ..sampling_params import SamplingParams
+from ..sequence import SeqStatus
+from .hardware import HardwareSpec
+from .ops import SeqWork, StepShape
+from .predictor import PerfModel
+
+# The fitted terms, in log space during the fit (all must stay positive).
+FIT_TERMS = ("compute_efficiency", "memory_efficiency", "attention_compute_efficiency",
+             "attention_memory_efficiency", "op_overhead_s", "step_overhead_s", "seq_overhead_s")
+
+# Ten shapes chosen to pin one term each or two at once: host overhead (tiny decode), weight
+# streaming (batch-1 decode), KV streaming (long-context decode), GEMM rate (long prefills),
+# attention compute (a chunk late in a long prompt), per-sequence cost (wide decode), mixes.
+CALIBRATION_SHAPES: list[tuple[str, StepShape]] = [
+    ("decode b1 c16", StepShape.decode(1, 16)),
+    ("decode b1 c2048", StepShape.decode(1, 2048)),
+    ("decode b8 c512", StepShape.decode(8, 512)),
+    ("decode b64 c128", StepShape.decode(64, 128)),
+    ("decode b16 c2048", StepShape.decode(16, 2048)),
+    ("prefill 64@0", StepShape.prefill(64)),
+    ("prefill 512@0", StepShape.prefill(512)),
+    ("prefill 256@2048", StepShape.prefill(256, 2048)),
+    ("mixed 16 decodes c256 + prefill 256@0", StepShape([SeqWork(1, 256)] * 16 + [SeqWork(256, 0)])),
+    ("prefill 1024@1024", StepShape.prefill(1024, 1024)),
+]
+
+
+def holdout_grid(limit_kv_tokens: int = 131072) -> list[tuple[str, StepShape]]:
+    """Step shapes never used in the fit: decodes over batch 1..64 x context 16..4096, prefill
+    chunks 16..1024 at several starts, and decode + prefill mixes (at least 30 shapes)."""
+    shapes = []
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        for c in (16, 128, 1024, 4096):
+            if b * c <= limit_kv_tokens and (b, c) not in ((1, 16),):
+                shapes.append((f"decode b{b} c{c}", StepShape.decode(b, c)))
+    for n in (16, 128, 384, 1024):
+        for start in (0, 768, 3072):
+            shapes.append((f"prefill {n}@{start}", StepShape.prefill(n, start)))
+    for b, c, n in ((4, 1024, 128), (32, 256, 512), (8, 3000, 64), (48, 64, 1024)):
+        shapes.append((f"mixed {b} decodes c{c} + prefill {n}@0",
+                       StepShape([SeqWork(1, c)] * b + [SeqWork(n, 0)])))
+    return shapes
+
+
+@dataclass
+class Sample:
+    label: str
+    shape: StepShape
+    measured_s: float
+    predicted_s: float = 0.0
+
+    @property
+    def error(self) -> float:
+        return abs(self.predicted_s - self.measured_s) / self.measured_s
+
+
+class StepTimer:
+    """Times engine steps of chosen shapes on a real engine."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
+                 kv_tokens: int = 140_000, repeats: int = 3, seed: int = 0):
+        block = 16
+        self.engine = LLMEngine(EngineConfig(
+            model=model, dtype=dtype, device=device, num_kv_blocks=-(-kv_tokens // block), block_size=block,
+            max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=False, enable_hydragen=False))
+        self.repeats = repeats
+        self.rng = random.Random(seed)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.dtype).removeprefix("torch.")
+
+    def _place(self, work: SeqWork) -> None:
+        """Queue a request whose first `context_len` tokens count as computed, and make it running."""
+        eng = self.engine
+        vocab = eng.model_config.vocab_size
+        ids = [self.rng.randrange(3, vocab) for _ in range(work.context_len + work.new_tokens)]
+        rid = eng.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        seq = eng.requests[rid].seqs[0]
+        sched = eng.scheduler
+        sched.waiting.remove(seq)
+        eng.block_manager.allocate(seq.block_table, work.context_len)
+        seq.num_computed_tokens = work.context_len
+        seq.status = SeqStatus.RUNNING
+        sched.running.append(seq)
+
+    def _clear(self) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+
+    def run_step(self, shape: StepShape) -> float:
+        """Wall seconds of one engine.step() on the shape."""
+        for w in shape.seqs:
+            if not w.sampled:
+                raise ValueError("calibration shapes must end their prompts in the step (sampled=True)")
+            self._place(w)
+        sync()
+        t = time.perf_counter()
+        self.engine.step()
+        sync()
+        elapsed = time.perf_counter() - t
+        self._clear()
+        return elapsed
+
+    def measure(self, shapes: list[tuple[str, StepShape]], warmup: int = 2) -> list[Sample]:
+        """Median over `repeats` rounds, each timing every shape once: slow drift of a shared
+        machine then shifts all shapes alike instead of whichever was measured during it. The
+        first steps of a new shape pay one-off costs (kernel selection, first-touch memory)."""
+        for _ in range(warmup):
+            for _, shape in shapes:
+                self.run_step(shape)
+        times: list[list[float]] = [[] for _ in shapes]
+        for _ in range(self.repeats):
+            for i, (_, shape) in enumerate(shapes):
+                times[i].append(self.run_step(shape))
+        return [Sample(label, shape, statistics.median(t)) for (label, shape), t in zip(shapes, times)]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _with_terms(spec: HardwareSpec, values: dict[str, float]) -> HardwareSpec:
+    return dataclasses.replace(spec, **values)
+
+
+def fit(spec: HardwareSpec, perf_args: dict, samples: list[Sample], restarts: int = 4,
+        iterations: int = 1500) -> HardwareSpec:
+    """Least squares on log(predicted / measured) over the FIT_TERMS, parameterised by their
+    logs (so they stay positive), with Adam from a few starting points: the roofline's max()
+    is piecewise smooth, and seven terms against ten samples is a tiny problem."""
+    model = PerfModel(perf_args["model"], spec, **perf_args["options"])
+    vectors = [model.stats(s.shape).vector() for s in samples]
+    flops = torch.tensor([[op.flops_for(v) for op in model.ops] for v in vectors], dtype=torch.float64)
+    nbytes = torch.tensor([[op.bytes_for(v) for op in model.ops] for v in vectors], dtype=torch.float64)
+    attn = torch.tensor([op.kind == "attention" for op in model.ops])
+    num_ops = float(sum(op.count for op in model.ops))
+    seqs = torch.tensor([v[1] for v in vectors], dtype=torch.float64)
+    measured = torch.tensor([s.measured_s for s in samples], dtype=torch.float64)
+    peak, bw = spec.peak(model.dtype), spec.memory_bandwidth
+
+    def predicted(theta: torch.Tensor) -> torch.Tensor:
+        ce, me, ace, ame, op_oh, step_oh, seq_oh = theta.exp().unbind()
+        compute = flops / (peak * ce * torch.where(attn, ace, 1.0))
+        memory = nbytes / (bw * me * torch.where(attn, ame, 1.0))
+        return torch.maximum(compute, memory).sum(1) + num_ops * op_oh + step_oh + seq_oh * seqs
+
+    cap = math.log(1.5)
+    starts = [[0.5, 0.5, 0.5, 0.5, 5e-6, 1e-3, 2e-5], [0.8, 0.8, 0.3, 0.3, 1e-5, 1e-4, 1e-6],
+              [0.3, 0.3, 0.1, 0.1, 2e-6, 5e-3, 1e-4], [1.0, 1.0, 1.0, 1.0, 2e-5, 1e-3, 1e-5]][:restarts]
+    best, best_loss = None, math.inf
+    for start in starts:
+        theta = torch.tensor(start, dtype=torch.float64).log().requires_grad_()
+        opt = torch.optim.Adam([theta], lr=0.05)
+        for _ in range(iterations):
+            opt.zero_grad()
+            loss = ((predicted(theta) / measured).log() ** 2).sum()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                theta[:4].clamp_(max=cap)
+                theta[4:].clamp_(min=math.log(1e-9))
+        with torch.no_grad():
+            final = float(((predicted(theta) / measured).log() ** 2).sum())
+        if final < best_loss:
+            best, best_loss = theta.detach().exp().tolist(), final
+    return _with_terms(spec, dict(zip(FIT_TERMS, best)))
+
+
+def predict(spec: HardwareSpec, perf_args: dict, samples: list[Sample]) -> float:
+    """Fill in predictions; return the mean absolute percentage error."""
+    model = PerfModel(perf_args["model"], spec, **perf_args["options"])
+    for s in samples:
+        s.predicted_s = model.step_time(s.shape)
+    return 100 * statistics.fmean(s.error for s in samples)
+
+
+@dataclass
+class CalibrationResult:
+    spec: HardwareSpec
+    samples: list[Sample]
+    holdout: list[Sample]
+    fit_mape: float
+    mape: float | None  # on the held-out grid; None when it was skipped
+
+    def to_dict(self) -> dict:
+        def rows(samples: list[Sample]) -> list[dict]:
+            return [{"shape": s.label, "measured_ms": round(s.measured_s * 1e3, 3),
+                     "predicted_ms": round(s.predicted_s * 1e3, 3), "error_pct": round(100 * s.error, 1)}
+                    for s in samples]
+
+        return {"spec": self.spec.name, "fit": {k: getattr(self.spec, k) for k in FIT_TERMS},
+                "fit_mape": round(self.fit_mape, 2), "mape": None if self.mape is None else round(self.mape, 2),
+                "samples": rows(self.samples), "holdout": rows(self.holdout)}
+
+
+def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto", name: str = "local",
+              num_samples: int = 10, holdout: bool = True, repeats: int = 3,
+              base: HardwareSpec | None = None) -> CalibrationResult:
+    """Probe (unless `base` is given), time `num_samples` calibration steps, fit, and measure the
+    held-out grid. The caller saves result.spec."""
+    if not 1 <= num_samples <= len(CALIBRATION_SHAPES):
+        raise ValueError(f"num_samples must be in [1, {len(CALIBRATION_SHAPES)}], got {num_samples}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    from .probe import probe
+
+    shapes = CALIBRATION_SHAPES[:num_samples] + (holdout_grid() if holdout else [])
+    kv_tokens = max(sum(w.context_len + w.new_tokens + 16 for w in shape.seqs) for _, shape in shapes)
+    timer = StepTimer(model, dtype, device, kv_tokens=kv_tokens, repeats=repeats)
+    spec = dataclasses.replace(base, name=name) if base is not None else probe(name, device)
+    perf_args = {"model": timer.engine.model_config, "options": {"dtype": timer.dtype}}
+    # Held-out shapes are timed in the same rounds as the calibration samples (so drift of a
+    # shared machine hits both alike) but never enter the fit.
+    measured = timer.measure(shapes)
+    samples, held = measured[:num_samples], measured[num_samples:]
+    fitted = fit(spec, perf_args, samples)
+    fit_mape = predict(fitted, perf_args, samples)
+    mape = predict(fitted, perf_args, held) if held else None
+    fitted.calibrated = {"model": str(timer.engine.model_path.name), "dtype": timer.dtype,
+                         "samples": num_samples, "fit_mape": round(fit_mape, 2),
+                         "holdout_mape": None if mape is None else round(mape, 2), "holdout_shapes": len(held),
+                         "date": time.strftime("%Y-%m-%d")}
+    return CalibrationResult(fitted, samples, held, fit_mape, mape)

@@ -1,0 +1,140 @@
+"""Arguments and actions of `ridgeline perf probe`, `ridgeline perf calibrate` and `ridgeline plan`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .hardware import DTYPE_BYTES, HardwareSpec, available_specs, load_spec, save_spec
+
+PERF_DTYPES = [d for d in DTYPE_BYTES if d not in ("int4", "int8", "fp8")]  # compute dtypes
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="local", help="save the spec under this name (default: local)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--quick", action="store_true", help="small problems, a few seconds (less accurate)")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model to time (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="engine dtype (default: auto, as the engine)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--name", default="local", help="save the calibrated spec under this name (default: local)")
+    p.add_argument("--samples", type=int, default=10, help="calibration steps to time, 1-10 (default: 10)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per step, median taken (default: 3)")
+    p.add_argument("--no-holdout", action="store_true",
+                   help="skip the held-out grid of 42 step shapes (then no `mape` is reported)")
+    p.add_argument("--json", action="store_true", help="print the fit, its error and every sample as JSON")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, a checkpoint directory or a config.json (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--hardware", default="local",
+                   help=f"a known device ({', '.join(available_specs())}), 'local' for this machine's "
+                        "calibrated spec, or a spec .json file (default: local)")
+    p.add_argument("--dtype", default="bfloat16", choices=PERF_DTYPES, help="compute dtype (default: bfloat16)")
+    p.add_argument("--weight-dtype", default=None, choices=list(DTYPE_BYTES),
+                   help="weight storage dtype if not the compute dtype, e.g. int4 or fp8")
+    p.add_argument("--kv-dtype", default=None, choices=list(DTYPE_BYTES),
+                   help="KV-cache dtype (default: the compute dtype)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: 512)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens (default: 128)")
+    p.add_argument("--slo-ttft", type=float, default=None, metavar="MS", help="time-to-first-token SLO in ms")
+    p.add_argument("--slo-tpot", type=float, default=None, metavar="MS", help="time-per-output-token SLO in ms")
+    p.add_argument("--batch", type=int, default=None,
+                   help="fix the concurrency (default: the largest batch meeting the SLOs)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the roofline with the operators on it")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from .probe import probe
+
+    spec = probe(args.name, args.device, quick=args.quick)
+    path = save_spec(spec)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+    else:
+        print(_describe(spec))
+        print(f"saved to {path}")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    if not 1 <= args.samples <= 10:
+        raise ValueError(f"--samples must be in [1, 10], got {args.samples}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if not args.json:
+        print("probing peaks, then timing engine steps (about 2 minutes with the held-out grid)...",
+              file=sys.stderr, flush=True)
+    result = calibrate(args.model, args.dtype, args.device, args.name, args.samples, not args.no_holdout,
+                       args.repeats)
+    path = save_spec(result.spec)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(_describe(result.spec))
+    print(f"\n{'shape':<42}{'measured ms':>12}{'predicted ms':>14}{'error %':>9}")
+    for title, samples in (("calibration", result.samples), ("held out", result.holdout)):
+        if samples:
+            print(f"-- {title}")
+        for s in samples:
+            print(f"{s.label:<42}{s.measured_s * 1e3:>12.2f}{s.predicted_s * 1e3:>14.2f}{100 * s.error:>9.1f}")
+    print(f"\nfit MAPE {result.fit_mape:.1f}% on {len(result.samples)} samples" +
+          (f"; held-out MAPE {result.mape:.1f}% on {len(result.holdout)} shapes" if result.mape is not None else ""))
+    print(f"saved to {path}")
+    return 0
+
+
+def build_perf_model(args: argparse.Namespace):
+    """The PerfModel named by --model/--hardware/--dtype/--weight-dtype/--kv-dtype (shared with simulate)."""
+    from ..loader import load_model_config
+    from .predictor import PerfModel
+
+    spec = load_spec(args.hardware)
+    return PerfModel(load_model_config(args.model), spec, args.dtype, getattr(args, "weight_dtype", None),
+                     args.kv_dtype, block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, plan, plot_roofline
+
+    pm = build_perf_model(args)
+    result = plan(pm, args.prompt_len, args.output_len, args.slo_ttft, args.slo_tpot, args.batch)
+    if args.plot:
+        plot_roofline(pm, result, args.prompt_len, args.output_len, args.plot)
+    if args.json:
+        out = {"model": args.model or "SmolLM2-135M-Instruct", "hardware": pm.hw.name, "dtype": pm.dtype,
+               "weight_dtype": pm.weight_dtype, "kv_dtype": pm.kv_dtype, "prompt_len": args.prompt_len,
+               "output_len": args.output_len, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+               **result.to_dict()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(pm, result, args.prompt_len, args.output_len))
+        if args.slo_ttft is not None or args.slo_tpot is not None:
+            print("SLOs met at this batch" if result.slo_met else "SLOs NOT met at this batch")
+        if args.plot:
+            print(f"roofline plot: {args.plot}")
+    return 0
+
+
+def _describe(spec: HardwareSpec) -> str:
+    peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in spec.peak_flops.items())
+    lines = [f"hardware spec {spec.name!r}: {peaks}; read bandwidth {spec.memory_bandwidth / 1e9:.1f} GB/s; "
+             f"memory {spec.memory_capacity / 2**30:.1f} GiB; dispatch {spec.op_overhead_s * 1e6:.2f} us/op"]
+    if spec.calibrated:
+        lines.append("fitted: " + ", ".join(
+            f"{k} {getattr(spec, k):.3g}" for k in ("compute_efficiency", "memory_efficiency",
+                                                   "attention_compute_efficiency", "attention_memory_efficiency",
+                                                   "op_overhead_s", "step_overhead_s", "seq_overhead_s")))
+    return "\n".join(lines)

@@ -1,0 +1,555 @@
+"""One simulated engine replica: the scheduler's rules (ridgeline.scheduler) on counts, timed by the perf model.
+
+Per step, as `Scheduler.schedule`: running decodes first (one token each), then running
+prefills in admission order (a chunk each, min(pending, budget)), then waiting sequences
+FCFS under max_num_seqs and the token budget, each starting at its longest cached prefix
+and passed over while another running sequence computes its next prefix block. When blocks
+run out, the newest unscheduled running sequence is preempted (recomputed later), and no
+sequence is admitted in that step.
+
+Why it is fast: decodes are never held one by one in the step loop. Every running decode
+advances one token per step, so a decode's context is `off + steps` for a fixed offset; the
+replica keeps the sum of offsets, a count of decodes per offset modulo the block size (how
+many need a new block at a given step) and a heap of finish steps. A step costs O(prefill
+chunks + admissions + finishes), and a run of decode-only steps with nothing else changing
+(no arrival, no finish, no block shortage) is timed in one tight loop and applied at once.
+An arrival in the middle of such a run cuts it at the step in progress.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .cache import BlockPool, Node
+from .steptime import StepTimer
+
+if TYPE_CHECKING:
+    from .simulator import Simulator
+
+WAITING, PREFILL, DECODE, HANDOFF, DONE = range(5)
+IDLE, PENDING, STEP, RUN, HANDLING = range(5)
+
+COLOCATED, PREFILL_ONLY, DECODE_ONLY = "colocated", "prefill", "decode"
+
+
+class Seq:
+    """One request on its way through a replica (or two, disaggregated)."""
+    __slots__ = ("rid", "prompt_len", "output_len", "num_tokens", "computed", "chain", "state", "off",
+                 "shared", "nodes", "claims", "self_node", "epoch", "sent", "first_token", "finish",
+                 "preemptions", "hit_tokens", "replica", "decode_replica", "transfer_s")
+
+    def __init__(self, rid: int, prompt_len: int, output_len: int, chain: tuple, sent: float):
+        self.rid = rid
+        self.prompt_len = prompt_len
+        self.output_len = output_len
+        self.num_tokens = prompt_len  # prompt + generated
+        self.computed = 0  # tokens in the KV cache (prefill progress)
+        self.chain = chain
+        self.state = WAITING
+        self.off = 0  # decode: context = off + replica.steps
+        self.shared = 0  # leading blocks held in prefix-cache nodes
+        self.nodes: list[Node] = []  # nodes referenced
+        self.claims: list[Node] = []  # nodes whose next block this sequence computes
+        self.self_node: Node | None = None  # own full blocks cached at preemption
+        self.epoch = 0  # bumped on preemption: stale finish-heap entries
+        self.sent = sent
+        self.first_token: float | None = None
+        self.finish: float | None = None
+        self.preemptions = 0
+        self.hit_tokens = 0
+        self.replica = -1
+        self.decode_replica = -1
+        self.transfer_s = 0.0
+
+
+@dataclass
+class EngineLimits:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+
+
+@dataclass
+class ReplicaStats:
+    steps: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    cache_queries: int = 0
+    cache_hits: int = 0
+    requests: int = 0
+    max_running: int = 0
+
+
+class Replica:
+    def __init__(self, idx: int, role: str, timer: StepTimer, pool: BlockPool, limits: EngineLimits,
+                 sim: "Simulator"):
+        self.idx = idx
+        self.role = role
+        self.timer = timer
+        self.pool = pool
+        self.limits = limits
+        self.sim = sim
+        self.bs = limits.block_size
+        self.steps = 0
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # admission order, newest last
+        self.prefills: list[Seq] = []  # running sequences still computing their prompt
+        self.n_decode = 0
+        self.sum_off = 0
+        self.buckets = [0] * self.bs  # decodes per off % block_size
+        self.finishes: list[tuple[int, int, int, Seq]] = []  # (last step, rid, epoch, seq)
+        self.incoming: deque[Seq] = deque()  # disaggregated decode: prefilled, awaiting KV room
+        self.ready: list[Seq] = []  # KV arrived: join the decodes at the next step
+        self.reserved = 0  # sequences with blocks reserved for a KV transfer in flight or arrived
+        self.load = 0  # requests assigned and not yet gone (what the routers compare)
+        self.state = IDLE
+        self.version = 0
+        self.stats = ReplicaStats()
+        # The step in flight.
+        self._sched: list[tuple[Seq, int]] = []
+        self._t0 = 0.0
+        self._end = 0.0
+        self._run_k = 0  # decode-only steps in the run (0: a single general step)
+        self._run_x0 = 0.0
+        self._run_used = 0
+        self._run_need0 = 0
+
+    # ------------------------------------------------------------------ events
+
+    def enqueue(self, seq: Seq, t: float) -> None:
+        """A new request routed here."""
+        seq.replica = self.idx
+        self.waiting.append(seq)
+        self.load += 1
+        self.stats.requests += 1
+        self.wake(t)
+
+    def wake(self, t: float) -> None:
+        """Something changed at time t: an idle replica starts a step (after every event at t), a
+        decode run is cut at the step in progress."""
+        if self.state == IDLE:
+            self.state = PENDING
+            self.version += 1
+            self.sim.push_start(t, self)
+        elif self.state == RUN and t < self._end:
+            self._cut(t)
+
+    def on_start(self, t: float) -> None:
+        self.state = HANDLING
+        self._boundary(t)
+
+    def on_step_end(self, t: float) -> None:
+        self.state = HANDLING
+        self._apply(t)
+        self._boundary(t)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _boundary(self, t: float) -> None:
+        if self.ready:
+            self._join_ready()
+        if self.incoming:
+            self._reserve_incoming(t)
+        self._schedule(t)
+
+    def _schedule(self, t: float) -> None:
+        lim, pool, bs = self.limits, self.pool, self.bs
+        s = self.steps
+        budget = lim.max_num_batched_tokens
+        preempted = 0
+        need0 = 0
+        if self.n_decode:
+            need0 = self.buckets[-s % bs]
+            if need0 > pool.available:
+                preempted += self._decode_shortage(s)
+                need0 = 0  # allocated one by one in _decode_shortage
+            else:
+                pool.allocate(need0)
+            budget -= self.n_decode
+        sched: list[tuple[Seq, int]] = []
+        if self.prefills:
+            for q in list(self.prefills):
+                if budget == 0:
+                    break
+                if q.state != PREFILL:
+                    continue
+                n = min(q.num_tokens - q.computed, budget)
+                need = -(-(q.computed + n) // bs) - (-(-q.computed // bs))
+                while need > pool.available:
+                    victim = self.prefills[-1]  # the newest unscheduled running sequence
+                    self._preempt(victim, s)
+                    preempted += 1
+                    if victim is q:
+                        break
+                if q.state != PREFILL:
+                    continue
+                pool.allocate(need)
+                sched.append((q, n))
+                budget -= n
+        if not preempted and self.waiting and budget > 0:
+            self._admit(budget, sched)
+        B = self.n_decode
+        if not B and not sched:
+            self.state = IDLE
+            return
+        n_run = len(self.running)
+        if n_run > self.stats.max_running:
+            self.stats.max_running = n_run
+        ctx = self.sum_off + B * s  # decodes' contexts
+        if sched or preempted:
+            tokens, logits, pairs, kv = B, B, float(ctx + B), float(ctx + B)
+            for q, n in sched:
+                c = q.computed
+                tokens += n
+                pairs += n * c + n * (n + 1) / 2
+                kv += c + n
+                if c + n == q.num_tokens:
+                    logits += 1
+            dur = self.timer.time(tokens, B + len(sched), logits, pairs, kv)
+            self._sched = sched
+            self._run_k = 0
+            self._t0, self._end = t, t + dur
+            self.state = STEP
+        else:
+            self._start_run(t, s, B, float(ctx + B), need0)
+        self.sim.push_step_end(self._end, self)
+
+    def _start_run(self, t: float, s: int, B: int, x0: float, need0: int) -> None:
+        """Decode-only steps until the next finish or block shortage (an arrival cuts it short)."""
+        fin = self.finishes
+        while fin and (fin[0][2] != fin[0][3].epoch or fin[0][3].state != DECODE):
+            heapq.heappop(fin)
+        max_steps = fin[0][0] - s + 1 if fin else 1
+        k, end, used = self.timer.decode_run(B, x0, max_steps, t, None, self.pool.available + need0,
+                                             self.buckets, s)
+        self._sched = []
+        self._run_k, self._run_x0, self._run_used, self._run_need0 = k, x0, used, need0
+        self._t0, self._end = t, end
+        self.state = RUN
+
+    def _cut(self, t: float) -> None:
+        k, end, used = self.timer.decode_run(self.n_decode, self._run_x0, self._run_k, self._t0, t,
+                                             self.pool.available + self._run_need0, self.buckets, self.steps)
+        if k < self._run_k:
+            self._run_k, self._end, self._run_used = k, end, used
+            self.version += 1
+            self.sim.push_step_end(end, self)
+
+    def _admit(self, budget: int, sched: list[tuple[Seq, int]]) -> None:
+        """FCFS admission, as Scheduler._admit."""
+        lim, pool, bs = self.limits, self.pool, self.bs
+        waiting = self.waiting
+        deferred: list[Seq] = []
+        caching = pool.enable_prefix_caching
+        while waiting and budget > 0:
+            q = waiting[0]
+            if len(self.running) + self.reserved + 1 > lim.max_num_seqs:
+                break
+            if caching and (q.chain or q.self_node is not None):
+                h, hit, pending = self._lookup(q)
+                if pending:
+                    deferred.append(waiting.popleft())
+                    continue
+                reusable = sum(min(nd.cached, h - nd.start) for nd in hit if nd.refs == 0)
+            else:
+                h, hit, reusable = 0, (), 0
+            computed = h * bs
+            n = min(q.num_tokens - computed, budget)
+            need = -(-(computed + n) // bs) - h
+            if need + reusable > pool.available:
+                break
+            waiting.popleft()
+            for nd in hit:
+                pool.ref(nd)
+            q.nodes = list(hit)
+            q.shared = h
+            q.computed = computed
+            pool.allocate(need)
+            if caching and q.chain:
+                self._claim(q, h)
+            self.stats.cache_queries += q.prompt_len
+            self.stats.cache_hits += computed
+            q.hit_tokens += computed
+            q.state = PREFILL
+            self.running.append(q)
+            self.prefills.append(q)
+            sched.append((q, n))
+            budget -= n
+        if deferred:
+            waiting.extendleft(reversed(deferred))
+
+    def _lookup(self, q: Seq) -> tuple[int, list[Node], bool]:
+        """(cached leading blocks, the nodes holding them, whether another running sequence is
+        computing the first block past them)."""
+        bs, nodes = self.bs, self.pool.nodes
+        cap = (q.num_tokens - 1) // bs  # the last token is always computed
+        h, prev, hit = 0, 0, []
+        for key, length in q.chain:
+            end = length // bs
+            if end <= prev:
+                continue
+            nd = nodes.get(key)
+            if nd is None or not nd.cached or nd.start != prev:
+                break
+            hit.append(nd)
+            h = nd.start + nd.cached
+            if h < end:
+                break
+            prev = end
+        else:
+            sn = q.self_node
+            if sn is not None and sn.cached and sn.start == h and sn.key in nodes:
+                hit.append(sn)
+                h += sn.cached
+        if h > cap:
+            h = cap
+            hit = [nd for nd in hit if nd.start < h]
+        pending = False
+        if h < cap:
+            prev = 0
+            for key, length in q.chain:
+                end = length // bs
+                if prev <= h < end:
+                    nd = nodes.get(key)
+                    owner = nd.owner if nd is not None else None
+                    pending = owner is not None and owner is not q and owner.state == PREFILL
+                    break
+                prev = max(prev, end)
+        return h, hit, pending
+
+    def _claim(self, q: Seq, h: int) -> None:
+        """Mark the prefix blocks q will compute, so requests sharing them wait instead of duplicating."""
+        bs, pool = self.bs, self.pool
+        prev = 0
+        for key, length in q.chain:
+            end = length // bs
+            if end <= prev:
+                continue
+            if end > h:
+                nd = pool.node(key, prev, end)
+                if nd.owner is None or nd.owner.state != PREFILL:
+                    nd.owner = q
+                    q.claims.append(nd)
+            prev = end
+
+    def _release_claims(self, q: Seq) -> None:
+        for nd in q.claims:
+            if nd.owner is q:
+                nd.owner = None
+        q.claims = []
+
+    def _register(self, q: Seq) -> None:
+        """Full prompt blocks just computed become findable prefix-cache blocks (first writer wins)."""
+        bs, pool = self.bs, self.pool
+        full = q.computed // bs
+        prev = 0
+        for key, length in q.chain:
+            end = length // bs
+            if end <= prev:
+                continue
+            if q.shared >= end:
+                prev = end
+                continue
+            if q.shared < prev or full <= q.shared:
+                return
+            nd = pool.node(key, prev, end)
+            if nd.start + nd.cached != q.shared:
+                return
+            if nd not in q.nodes:
+                pool.ref(nd)
+                q.nodes.append(nd)
+            k = min(full, end) - q.shared
+            nd.cached += k
+            q.shared += k
+            if q.shared < end:
+                return
+            if nd.owner is q:
+                nd.owner = None
+            prev = end
+
+    # ------------------------------------------------------------------ preemption
+
+    def _decode_shortage(self, s: int) -> int:
+        """The engine's loop, one decode at a time, when this step's new blocks do not fit."""
+        bs, pool = self.bs, self.pool
+        scheduled: set[int] = set()
+        preempted = 0
+        for q in [q for q in self.running if q.state == DECODE]:
+            if q.state != DECODE:
+                continue
+            need = 1 if (q.off + s) % bs == 0 else 0
+            while need > pool.available:
+                victim = next(v for v in reversed(self.running) if v.rid not in scheduled)
+                self._preempt(victim, s)
+                preempted += 1
+                if victim is q:
+                    break
+            if q.state != DECODE:
+                continue
+            pool.allocate(need)
+            scheduled.add(q.rid)
+        return preempted
+
+    def _preempt(self, q: Seq, s: int) -> None:
+        """Free the sequence's blocks (its full ones stay cached, evictable) and requeue it first."""
+        pool, bs = self.pool, self.bs
+        self.running.remove(q)
+        if q.state == DECODE:
+            self._remove_decode(q)
+            kv = q.off + s
+            q.num_tokens = kv + 1
+        else:
+            self.prefills.remove(q)
+            kv = q.computed
+        private = -(-kv // bs) - q.shared
+        full = kv // bs - q.shared
+        if pool.enable_prefix_caching and full > 0:
+            sn = q.self_node
+            if sn is not None and sn in q.nodes:
+                if sn.start + sn.cached == q.shared:
+                    sn.cached += full
+                    private -= full
+            else:
+                if sn is not None:
+                    pool.drop(sn)
+                sn = q.self_node = pool.node(("seq", q.rid), q.shared, None)
+                sn.cached = full
+                sn.refs = 1
+                q.nodes.append(sn)
+                private -= full
+        pool.release(private)
+        for nd in reversed(q.nodes):  # the engine frees tail blocks first: they are evicted first
+            pool.unref(nd)
+        q.nodes = []
+        q.shared = 0
+        q.computed = 0
+        self._release_claims(q)
+        q.state = WAITING
+        q.epoch += 1
+        q.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(q)
+
+    # ------------------------------------------------------------------ applying a step
+
+    def _add_decode(self, q: Seq, first_step: int) -> None:
+        """q decodes from step `first_step` on: one token per step until it has output_len."""
+        q.state = DECODE
+        q.off = q.computed - first_step
+        self.n_decode += 1
+        self.sum_off += q.off
+        self.buckets[q.off % self.bs] += 1
+        last = first_step + q.output_len - (q.num_tokens - q.prompt_len) - 1
+        heapq.heappush(self.finishes, (last, q.rid, q.epoch, q))
+
+    def _remove_decode(self, q: Seq) -> None:
+        self.n_decode -= 1
+        self.sum_off -= q.off
+        self.buckets[q.off % self.bs] -= 1
+
+    def _apply(self, t: float) -> None:
+        st = self.stats
+        s = self.steps
+        k = self._run_k or 1
+        st.busy_s += t - self._t0
+        st.steps += k
+        st.decode_tokens += self.n_decode * k
+        if self._run_k:
+            self.pool.allocate(self._run_used - self._run_need0)
+            self._run_k = 0
+        last = s + k - 1
+        self.steps = s + k
+        for q, n in self._sched:
+            q.computed += n
+            st.prefill_tokens += n
+            if q.chain and self.pool.enable_prefix_caching:
+                self._register(q)
+            if q.computed == q.num_tokens:  # the last chunk: its logits give a token
+                q.num_tokens += 1
+                if q.first_token is None:
+                    q.first_token = t
+                self.prefills.remove(q)
+                if q.claims:
+                    self._release_claims(q)
+                if q.num_tokens - q.prompt_len >= q.output_len:
+                    self.running.remove(q)
+                    self._finish(q, t, q.computed)
+                elif self.role == PREFILL_ONLY:
+                    self.running.remove(q)
+                    q.state = HANDOFF
+                    self.load -= 1
+                    self.sim.handoff(q, self, t)
+                else:
+                    self._add_decode(q, last + 1)
+        self._sched = []
+        fin = self.finishes
+        while fin and fin[0][0] <= last:
+            _, _, epoch, q = heapq.heappop(fin)
+            if epoch != q.epoch or q.state != DECODE:
+                continue
+            self._remove_decode(q)
+            self.running.remove(q)
+            self._finish(q, t, q.off + last + 1)
+
+    def _free(self, q: Seq, kv: int, tag: str) -> None:
+        """Release a leaving sequence's blocks. As in the engine, its full blocks stay cached
+        (evictable, least recently released first) rather than free; nothing will hit them
+        but they are evicted in the engine's order."""
+        pool = self.pool
+        private = -(-kv // self.bs) - q.shared
+        full = kv // self.bs - q.shared
+        if pool.enable_prefix_caching and full > 0:
+            pool.park((tag, q.rid), q.shared, full)
+            private -= full
+        pool.release(private)
+        for nd in reversed(q.nodes):
+            pool.unref(nd)
+        q.nodes = []
+        q.shared = 0
+        q.self_node = None  # belongs to this pool; a decode replica starts afresh
+
+    def _finish(self, q: Seq, t: float, kv: int) -> None:
+        self._free(q, kv, "done")
+        q.state = DONE
+        q.finish = t
+        self.load -= 1
+        self.sim.finished(q, t)
+
+    # ------------------------------------------------------------------ disaggregation
+
+    def release_handoff(self, q: Seq) -> None:
+        """The KV of a prefilled sequence has left for its decode replica."""
+        self._free(q, q.computed, "sent")
+
+    def _reserve_incoming(self, t: float) -> None:
+        """Take prefilled sequences FCFS while their KV fits and max_num_seqs allows; each
+        reservation starts its transfer."""
+        pool, lim = self.pool, self.limits
+        while self.incoming:
+            q = self.incoming[0]
+            if len(self.running) + self.reserved + 1 > lim.max_num_seqs:
+                break
+            need = -(-q.computed // self.bs)
+            if need > pool.available:
+                break
+            self.incoming.popleft()
+            pool.allocate(need)
+            self.reserved += 1
+            self.sim.start_transfer(q, self, t)
+
+    def _join_ready(self) -> None:
+        for q in self.ready:
+            self.reserved -= 1
+            self.running.append(q)
+            self._add_decode(q, self.steps)
+        self.ready = []
+
+    def receive(self, q: Seq, t: float) -> None:
+        """q's KV has arrived: it decodes from the next step."""
+        self.ready.append(q)
+        self.wake(t)

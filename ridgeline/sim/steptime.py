@@ -1,0 +1,134 @@
+"""Step times from the calibrated roofline model, fast enough for millions of simulated steps.
+
+`PerfModel.step_time_vector` costs ~20 us (a loop over every operator). Most operators depend
+on one step aggregate only (GEMMs and element-wise ops on tokens, lm_head and sampling on
+logit rows, host work on sequences), so their summed time is tabulated per value once; only
+operators mixing aggregates (attention) are evaluated per step. The tables are checked
+against `step_time_vector` on construction, and the model falls back to it on any mismatch,
+so the simulator always times steps exactly as the perf model does.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..perf import PerfModel
+
+_NDIM = 5  # tokens, seqs, logits, attn_pairs, kv_read (ridgeline.perf.ops.STAT_NAMES)
+
+
+@dataclass(frozen=True)
+class _MixedOp:
+    """max(flops . v, bytes_const + bytes . v) + dispatch, all in seconds."""
+    f: tuple[float, ...]
+    bc: float
+    b: tuple[float, ...]
+    dispatch: float
+
+    def time(self, v: tuple[float, ...]) -> float:
+        f, b = self.f, self.b
+        return max(f[0] * v[0] + f[1] * v[1] + f[2] * v[2] + f[3] * v[3] + f[4] * v[4],
+                   self.bc + b[0] * v[0] + b[1] * v[1] + b[2] * v[2] + b[3] * v[3] + b[4] * v[4]) + self.dispatch
+
+
+class StepTimer:
+    """`time(tokens, seqs, logits, attn_pairs, kv_read)` equal to `pm.step_time_vector`."""
+
+    def __init__(self, pm: PerfModel, max_tokens: int, max_seqs: int):
+        self.pm = pm
+        self._size = max(max_tokens, max_seqs) + 1
+        try:
+            self._fast = self._build()
+            self._fast = self._fast and self._verify()
+        except (AttributeError, TypeError, ValueError, IndexError):  # the perf model's internals changed
+            self._fast = False
+
+    def _build(self) -> bool:
+        rates = getattr(self.pm, "_rates", None)
+        if not rates:
+            return False
+        hw = self.pm.hw
+        self.const = hw.step_overhead_s
+        # One table per single-aggregate dimension (tokens, seqs, logits); host work per sequence too.
+        tables = [[0.0] * self._size for _ in range(3)]
+        for x in range(self._size):
+            tables[1][x] += hw.seq_overhead_s * x
+        self.mixed: list[_MixedOp] = []
+        for op, sf, sb, dispatch in rates:
+            f = tuple(op.count * c * sf for c in op.flops)
+            b = tuple(op.count * c * sb for c in op.bytes)
+            bc = op.count * op.bytes_const * sb
+            dims = [i for i in range(_NDIM) if f[i] or b[i]]
+            if not dims:
+                self.const += max(0.0, bc) + dispatch
+            elif len(dims) == 1 and dims[0] < 3:
+                i, table = dims[0], tables[dims[0]]
+                for x in range(self._size):
+                    table[x] += max(f[i] * x, bc + b[i] * x) + dispatch
+            else:
+                self.mixed.append(_MixedOp(f, bc, b, dispatch))
+        self.t_tokens, self.t_seqs, self.t_logits = tables
+        return True
+
+    def _verify(self) -> bool:
+        rng = random.Random(1)
+        for _ in range(50):
+            t = rng.randint(1, self._size - 1)
+            s = rng.randint(1, min(t, self._size - 1))
+            v = (t, s, rng.randint(0, s), rng.uniform(0, 1e7), rng.uniform(0, 1e6))
+            ref = self.pm.step_time_vector(v)
+            if abs(self.time(*v) - ref) > 1e-9 * max(1.0, ref):
+                return False
+        return True
+
+    @property
+    def fast(self) -> bool:
+        return self._fast
+
+    def time(self, tokens: int, seqs: int, logits: int, pairs: float, kv_read: float) -> float:
+        if not self._fast or tokens >= self._size or seqs >= self._size:
+            return self.pm.step_time_vector((tokens, seqs, logits, pairs, kv_read))
+        total = self.const + self.t_tokens[tokens] + self.t_seqs[seqs] + self.t_logits[logits]
+        v = (tokens, seqs, logits, pairs, kv_read)
+        for op in self.mixed:
+            total += op.time(v)
+        return total
+
+    def decode_run(self, batch: int, x0: float, max_steps: int, t0: float, until: float | None = None,
+                   avail: int | None = None, block_counts: list[int] | None = None, step0: int = 0
+                   ) -> tuple[int, float, int]:
+        """Time a run of decode-only steps of `batch` sequences: step j reads x0 + j * batch KV
+        positions (and as many attention pairs). Stops after max_steps, or after the first step
+        ending at or after `until`, or before a step needing more new blocks than `avail` (the
+        step with global index i needs block_counts[-i % len] blocks). Returns (steps, end time,
+        blocks used)."""
+        bs = len(block_counts) if block_counts else 1
+        if self._fast and batch < self._size:
+            base = self.const + self.t_tokens[batch] + self.t_seqs[batch] + self.t_logits[batch]
+            coeffs = [(op.f[0] * batch + op.f[1] * batch + op.f[2] * batch, op.f[3] + op.f[4],
+                       op.bc + op.b[0] * batch + op.b[1] * batch + op.b[2] * batch, op.b[3] + op.b[4],
+                       op.dispatch) for op in self.mixed]
+        else:
+            base, coeffs = None, []
+        t, x, used, k = t0, x0, 0, 0
+        single = coeffs[0] if len(coeffs) == 1 else None
+        while k < max_steps:
+            if block_counts is not None:
+                need = block_counts[-(step0 + k) % bs]
+                if used + need > avail:
+                    break
+                used += need
+            if single is not None:
+                a1, a2, b1, b2, d = single
+                fa, fb = a1 + a2 * x, b1 + b2 * x
+                t += base + (fa if fa > fb else fb) + d
+            elif base is not None:
+                t += base + sum(max(a1 + a2 * x, b1 + b2 * x) + d for a1, a2, b1, b2, d in coeffs)
+            else:
+                t += self.pm.step_time_vector((batch, batch, batch, x, x))
+            x += batch
+            k += 1
+            if until is not None and t >= until:
+                break
+        return k, t, used

@@ -1,0 +1,194 @@
+"""The performance model: operator FLOP and byte counts against hand-computed values, memory fit
+against the real engine's pool, hardware specs and their errors, calibration and the planner
+through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ridgeline.cli import main
+from ridgeline.config import ModelConfig
+from ridgeline.engine import EngineConfig, LLMEngine
+from ridgeline.kv_cache import CacheConfig
+from ridgeline.loader import load_model_config
+from ridgeline.perf import HardwareSpec, HardwareSpecError, PerfModel, SeqWork, StepShape, load_spec
+from ridgeline.perf.ops import operator_table, weight_bytes
+from ridgeline.sampling_params import SamplingParams
+
+# A toy Llama: hidden 8, 2 heads of 4 (1 KV head), MLP 16, 2 layers, vocab 100.
+TOY = ModelConfig(architecture="llama", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                  max_position_embeddings=256, tie_word_embeddings=True)
+# One made-up device with round numbers: 1 TFLOP/s float32, 100 GB/s, perfect efficiency, no overheads.
+ROUND = HardwareSpec(name="round", peak_flops={"float32": 1e12}, memory_bandwidth=1e11, memory_capacity=1e9,
+                     compute_efficiency=1.0, memory_efficiency=1.0, attention_compute_efficiency=1.0,
+                     attention_memory_efficiency=1.0, op_overhead_s=0.0, step_overhead_s=0.0, seq_overhead_s=0.0)
+
+
+def _ops(step: StepShape, cfg: ModelConfig = TOY, **dtypes) -> dict[str, tuple[float, float]]:
+    v = step.stats(cfg.sliding_window).vector()
+    return {op.name: (op.flops_for(v), op.bytes_for(v)) for op in operator_table(cfg, **dtypes)}
+
+
+def test_step_aggregates_by_hand():
+    # decode at context 5; a 3-token chunk after 2 cached tokens (not its last chunk); a 4-token prompt.
+    step = StepShape([SeqWork(1, 5), SeqWork(3, 2, sampled=False), SeqWork(4, 0)])
+    s = step.stats()
+    assert (s.tokens, s.seqs, s.logits) == (8, 3, 2)
+    # keys seen per query: 6 | 3 + 4 + 5 | 1 + 2 + 3 + 4
+    assert s.attn_pairs == 6 + 12 + 10
+    assert s.kv_read == 6 + 5 + 4
+    # a sliding window of 3 caps each query's keys at 3 and the keys read at window + new - 1
+    w = step.stats(sliding_window=3)
+    assert w.attn_pairs == 3 + 9 + (1 + 2 + 3 + 3)
+    assert w.kv_read == 3 + 5 + 4
+    # two decodes sharing a 4-token prefix read it once
+    shared = StepShape([SeqWork(1, 9), SeqWork(1, 9)], shared_prefixes=[((0, 1), 4)]).stats()
+    assert shared.kv_read == 2 * 10 - 4 and shared.attn_pairs == 20
+
+
+def test_operator_counts_by_hand_float32():
+    ops = _ops(StepShape.decode(2, 5), dtype="float32")  # T = 2 tokens, 2 logits, 12 pairs, kv_read 12
+    # qkv: [2, 8] @ [8, 16] per layer, 2 layers: FLOPs 2*2*8*16 = 512 each; bytes 4*(8*16) + 4*2*(8+16)
+    assert ops["qkv_proj"] == (2 * 512, 2 * (512 + 192))
+    # o: [2, 8] @ [8, 8]
+    assert ops["o_proj"] == (2 * 256, 2 * (256 + 128))
+    # gate_up: [2, 8] @ [8, 32]; down: [2, 16] @ [16, 8]
+    assert ops["gate_up_proj"] == (2 * 1024, 2 * (1024 + 320))
+    assert ops["down_proj"] == (2 * 512, 2 * (512 + 192))
+    # attention: 12 query-key pairs x 2 heads x (4*4 + 5); K and V of 12 positions, 1 KV head of 4;
+    # queries in and outputs out: 2 tokens x 8 x 4 bytes x 2
+    assert ops["attention"] == (2 * 12 * 2 * 21, 2 * (12 * 2 * 4 * 4 + 2 * 2 * 8 * 4))
+    assert ops["kv_write"] == (0, 2 * (2 * 2 * 4 * 8))
+    # lm_head on 2 rows: 2*2*8*100 FLOPs; the 100 x 8 weight, 2 rows in, 2 float32 logit rows out
+    assert ops["lm_head"] == (3200, 3200 + 64 + 800)
+    assert ops["attn_norm"] == (2 * 4 * 2 * 8, 2 * 2 * 4 * 2 * 8)
+
+
+def test_int4_weights_and_fp8_kv_change_only_their_bytes():
+    base = _ops(StepShape.decode(1, 7), dtype="bfloat16")
+    q = _ops(StepShape.decode(1, 7), dtype="bfloat16", weight_dtype="int4", kv_dtype="fp8")
+    assert q["qkv_proj"][0] == base["qkv_proj"][0]
+    assert q["qkv_proj"][1] == pytest.approx(base["qkv_proj"][1] - 2 * 128 * (2 - 0.5625))
+    assert q["attention"][1] == pytest.approx(base["attention"][1] - 2 * 8 * 2 * 4 * (2 - 1))
+    assert weight_bytes(TOY, "int4") == pytest.approx(weight_bytes(TOY, "bfloat16") * 0.5625 / 2)
+
+
+def test_step_time_is_the_roofline_sum():
+    pm = PerfModel(TOY, ROUND, dtype="float32")
+    step = StepShape.prefill(64)
+    v = step.stats().vector()
+    expected = sum(max(op.flops_for(v) / 1e12, op.bytes_for(v) / 1e11) for op in pm.ops)
+    assert pm.step_time(step) == pytest.approx(expected)
+    pred = pm.predict(step)
+    assert pred.total_s == pytest.approx(expected)
+    assert {o.bound for o in pred.ops} <= {"compute", "memory"}
+    # the weights dominate a batch-1 decode: memory-bound; overheads add exactly
+    slow = HardwareSpec(**{**ROUND.to_dict(), "op_overhead_s": 1e-6, "step_overhead_s": 1e-3, "seq_overhead_s": 1e-5})
+    pm2 = PerfModel(TOY, slow, dtype="float32")
+    n_ops = sum(op.count for op in pm2.ops)
+    assert pm2.step_time(step) == pytest.approx(expected + n_ops * 1e-6 + 1e-3 + 1e-5)
+
+
+def test_memory_fit_matches_the_engines_pool():
+    cfg = load_model_config(None)
+    pm = PerfModel(cfg, load_spec("epyc-2c"), dtype="float32", block_size=16)
+    assert pm.kv_bytes_per_block == CacheConfig.bytes_per_block(cfg, 16, __import__("torch").float32)
+    blocks = 20
+    budget = blocks * pm.kv_bytes_per_block
+    assert pm.kv_blocks(budget) == blocks
+    prompt, output = 20, 44  # 64 tokens = 4 blocks each: 5 sequences fit
+    assert pm.max_batch(prompt, output, budget) == 5
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory=budget, max_model_len=256))
+    assert engine.cache_config.num_blocks == blocks
+    params = SamplingParams(max_tokens=output, ignore_eos=True)
+
+    def preemptions(n: int) -> int:
+        before = engine.scheduler.num_preemptions
+        for i in range(n):
+            engine.add_request([100 + i] * prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return engine.scheduler.num_preemptions - before
+
+    assert preemptions(5) == 0  # exactly the predicted batch runs to the end without preemption
+    assert preemptions(6) > 0  # one more does not fit
+
+
+def test_registry_specs_and_bad_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name in ("h100-sxm", "h200", "a100-80gb", "l4", "rtx-4090", "mi300x", "apple-m2-ultra"):
+        spec = load_spec(name)
+        assert spec.source and spec.memory_bandwidth > 0 and spec.peak("bfloat16") > 0
+    with pytest.raises(HardwareSpecError, match="memory_bandwidth must be a positive number"):
+        HardwareSpec(name="x", peak_flops={"float32": 1e12}, memory_bandwidth=-1.0, memory_capacity=1e9)
+    with pytest.raises(HardwareSpecError, match="unknown hardware 'tpu-v9'"):
+        load_spec("tpu-v9")
+    with pytest.raises(HardwareSpecError, match="peak_flops dtype 'float64' is unknown"):
+        HardwareSpec(name="x", peak_flops={"float64": 1e12}, memory_bandwidth=1e9, memory_capacity=1e9)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "bad", "peak_flops": {"float32": 1e12}, "memory_bandwidth": 1e9}))
+    with pytest.raises(HardwareSpecError, match="missing fields: memory_capacity"):
+        load_spec(str(bad))
+    with pytest.raises(HardwareSpecError, match="run `ridgeline perf calibrate`"):
+        load_spec("local")
+
+
+def test_model_config_missing_fields(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 10}))
+    with pytest.raises(ValueError, match="missing required fields: intermediate_size, num_hidden_layers"):
+        load_model_config(str(cfg))
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ridgeline.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_plan_cli(tmp_path, capsys):
+    out = _cli("plan", "--hardware", "h100-sxm", "--prompt-len", "1024", "--output-len", "256",
+               "--slo-ttft", "200", "--slo-tpot", "30", "--json", "--plot", str(tmp_path / "roof.png"))
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    for key in ("ttft_ms", "tpot_ms", "tokens_per_s", "max_batch"):
+        assert plan[key] > 0
+    assert plan["ttft_ms"] <= 200 and plan["tpot_ms"] <= 30 and plan["slo_met"]
+    assert plan["tokens_per_s"] == pytest.approx(plan["batch"] * 1e3 / plan["tpot_ms"], rel=1e-3)
+    assert (tmp_path / "roof.png").stat().st_size > 10_000
+    # one more sequence than max_batch breaks an SLO
+    over = json.loads(_cli("plan", "--hardware", "h100-sxm", "--prompt-len", "1024", "--output-len", "256",
+                           "--slo-ttft", "200", "--slo-tpot", "30", "--json",
+                           "--batch", str(plan["max_batch"] + 1)).stdout)
+    assert not over["slo_met"] and (over["ttft_ms"] > 200 or over["tpot_ms"] > 30)
+    for args, message in ((("--hardware", "nope"), "unknown hardware 'nope'"),
+                          (("--hardware", "l4", "--prompt-len", "0"), "prompt_len must be an integer >= 1"),
+                          (("--hardware", "l4", "--slo-tpot", "-5"), "slo_tpot_ms must be > 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_calibrate_then_plan_local(tmp_path):
+    """A short calibration (4 samples, no held-out grid) saves `local`; plan --hardware local uses it."""
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    cal = _cli("perf", "calibrate", "--samples", "4", "--repeats", "1", "--no-holdout", "--json", env=env)
+    assert cal.returncode == 0, cal.stderr
+    report = json.loads(cal.stdout)
+    assert len(report["samples"]) == 4 and report["mape"] is None
+    assert all(s["measured_ms"] > 0 and s["predicted_ms"] > 0 for s in report["samples"])
+    assert math.isfinite(report["fit_mape"])
+    saved = json.loads((tmp_path / "ridgeline" / "hardware" / "local.json").read_text())
+    assert saved["calibrated"]["samples"] == 4
+    plan = _cli("plan", "--hardware", "local", "--json", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["hardware"] == "local"
+    bad = _cli("perf", "calibrate", "--samples", "11", env=env)
+    assert bad.returncode == 2 and "--samples must be in [1, 10]" in bad.stderr
