@@ -26,8 +26,12 @@ class HydragenConfig:
     """When a shared prefix is worth its own attention part: g >= 2 sequences sharing P tokens,
     with (g - 1) * P >= min_saved_tokens, the prefix tokens whose K/V the grouped product saves
     re-reading. Each part costs a dozen extra small ops per layer; on the 2-core CPU the
-    break-even measured in docs/benchmarks.md is a few hundred tokens."""
+    break-even measured in docs/benchmarks.md is a few hundred tokens. And the parts together
+    must save at least min_saved_fraction of the step's decode K/V reads: every row's own part
+    is padded to the longest, so a few small groups in a batch of mostly unshared rows cost more
+    than they save (8 rows, 2-3 sharing 256 tokens: 43 instead of 24 ms per step)."""
     min_saved_tokens: int = 512
+    min_saved_fraction: float = 0.5
 
 
 @dataclass
@@ -67,6 +71,9 @@ def find_shared_prefixes(tables: list[list[int]], num_full_blocks: list[int], bl
             split(members, end)
 
     split(list(range(len(tables))), 0)
+    saved = sum((len(p.rows) - 1) * len(p.blocks) for p in parts)
+    if saved < cfg.min_saved_fraction * max(1, sum(num_full_blocks)):
+        return [], [0] * len(tables)
     return parts, own_start
 
 

@@ -19,7 +19,7 @@ from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
 from .test_attention import naive
 
 BS = 8
-ALWAYS = HydragenConfig(min_saved_tokens=1)
+ALWAYS = HydragenConfig(min_saved_tokens=1, min_saved_fraction=0.0)
 
 
 class Pool:
@@ -98,11 +98,22 @@ def test_hydragen_matches_reference(hq, hkv):
 
 
 def test_threshold_gates_hydragen():
-    rule = HydragenConfig(min_saved_tokens=512)
+    rule = HydragenConfig(min_saved_tokens=512, min_saved_fraction=0.0)
     assert run_case(8, 72, 0, 3, 8, 2, 0, rule) == 0  # 7 x 72 = 504 tokens saved: not worth it
     assert run_case(8, 80, 0, 3, 8, 2, 0, rule) == 1  # 7 x 80 = 560
     assert run_case(2, 520, 0, 3, 8, 2, 0, rule) == 1
     assert run_case(2, 500, 0, 3, 8, 2, 0, rule) == 0
+
+
+def test_saved_fraction_gates_hydragen():
+    """Parts must save at least min_saved_fraction of the step's full-block K/V reads."""
+    rule = HydragenConfig(min_saved_tokens=1, min_saved_fraction=0.5)
+    group = [[1, 2, 3, 4 + i] for i in range(4)]  # 4 rows sharing 3 of their 4 full blocks: 9 of 16 saved
+    parts, own = find_shared_prefixes(group, [4] * 4, 16, rule)
+    assert [(p.rows, p.blocks) for p in parts] == [([0, 1, 2, 3], [1, 2, 3])] and own == [3] * 4
+    unshared = [[10 + 4 * i + j for j in range(4)] for i in range(4)]  # 4 more rows: 9 of 32 saved
+    parts, own = find_shared_prefixes(group + unshared, [4] * 8, 16, rule)
+    assert parts == [] and own == [0] * 8
 
 
 def test_find_shared_prefixes_nested():
