@@ -8,7 +8,8 @@ Measures, for one dtype (default: bfloat16, ridgeline's default on this CPU):
     token x tok/s / the bandwidth measured here (a 1 GiB reduction).
 Each number is the median of --repeats runs; ratios are ridgeline / transformers.
 
-    .venv/bin/python benchmarks/bench_engine.py [--dtype bfloat16|float32] [--repeats 3] [--json out.json]
+    .venv/bin/python benchmarks/bench_engine.py [--dtype bfloat16|float32] [--quantization int4] [--repeats 3]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def weight_bytes_per_token(llm: LLM) -> int:
     mc = llm.engine.model_config
     elem = torch.finfo(llm.engine.dtype).bits // 8
     h, i = mc.hidden_size, mc.intermediate_size
-    per_layer = h * (mc.q_size + 2 * mc.kv_size) + mc.q_size * h + 3 * h * i + 2 * h
-    return elem * (mc.num_layers * per_layer + h + mc.vocab_size * h)
+    linear = h * (mc.q_size + 2 * mc.kv_size) + mc.q_size * h + 3 * h * i
+    # int4: 4-bit values plus a bf16 scale and zero per 32 weights = 0.625 bytes per weight
+    linear_bytes = linear * (0.625 if llm.engine.config.quantization == "int4" else elem)
+    return int(mc.num_layers * (linear_bytes + 2 * h * elem) + elem * (h + mc.vocab_size * h))
 
 
 def prompt_of_length(tok, n: int) -> list[int]:
@@ -110,12 +113,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default=None, choices=["int4"], help="ridgeline's weights (bf16 only)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
     # Prefix caching off: the repeated prompts would otherwise be cached after the first run.
-    llm = LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory="1GiB", enable_prefix_caching=False)
+    llm = LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory="1GiB", enable_prefix_caching=False,
+              quantization=args.quantization)
     ours = bench_ridgeline(llm, args.repeats)
     bytes_per_token = weight_bytes_per_token(llm)
     tok = llm.get_tokenizer()
@@ -133,7 +138,7 @@ def main() -> None:
     bandwidth = measure_bandwidth_gbs()
     roof = bandwidth * 1e9 / bytes_per_token
     result = {
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "dtype": args.dtype, "quantization": args.quantization, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats, "ridgeline": ours, "transformers": theirs,
         "ratio": {k: ours[k] / theirs[k] for k in ours},
         "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": bytes_per_token,
@@ -141,7 +146,8 @@ def main() -> None:
         "decode_roofline_fraction": {"ridgeline": ours["decode_tok_s"] / roof,
                                      "transformers": theirs["decode_tok_s"] / roof},
     }
-    print(f"dtype {args.dtype}, {result['threads']} threads, median of {args.repeats}")
+    print(f"dtype {args.dtype}, weights {args.quantization or args.dtype}, {result['threads']} threads, "
+          f"median of {args.repeats}")
     print(f"{'metric':<34}{'ridgeline':>12}{'transformers':>14}{'ratio':>8}")
     names = {"prefill_tok_s": f"prefill tok/s ({PREFILL_LEN}-token prompt)",
              "decode_tok_s": f"decode tok/s (1 stream, {DECODE_LEN})",

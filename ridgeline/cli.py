@@ -59,6 +59,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's context length)")
     g.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 512MiB, 2GiB (default: 2GiB)")
+    g.add_argument("--quantization", default=None, choices=["int4"],
+                   help="int4: keep a GGUF's Q4_0/Q4_1 linear weights 4-bit (bfloat16 on CPU; faster decode)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -192,7 +194,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     from .kv_cache import parse_memory_size
 
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  kv_cache_memory=args.kv_cache_memory)
+                  kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
     EngineConfig(model=args.model, **kwargs)
     parse_memory_size(args.kv_cache_memory)
     return kwargs

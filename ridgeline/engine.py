@@ -77,6 +77,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_hydragen: bool = True  # shared-prefix decode attention (exact; see hydragen.py)
     hydragen_min_saved_tokens: int = 512  # use a shared prefix of P tokens among g rows if (g-1)*P >= this
+    quantization: str | None = None  # "int4": GGUF Q4_0/Q4_1 linear weights stay 4-bit (bfloat16, CPU)
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -85,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.hydragen_min_saved_tokens < 1:
             raise ValueError(f"hydragen_min_saved_tokens must be >= 1, got {self.hydragen_min_saved_tokens}")
+        if self.quantization not in (None, "none", "int4"):
+            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -102,7 +105,11 @@ class LLMEngine:
         if self.device.type == "cpu":
             reuse_freed_memory()
 
-        ckpt = load_checkpoint(config.model)
+        int4 = config.quantization == "int4"
+        if int4 and (self.dtype != torch.bfloat16 or self.device.type != "cpu"):
+            raise ValueError(f"quantization='int4' runs in bfloat16 on CPU; got dtype {config.dtype!r} "
+                             f"({self.dtype}) on {self.device}")
+        ckpt = load_checkpoint(config.model, keep_int4=int4)
         self.model_path = ckpt.path
         self.model_config: ModelConfig = ckpt.config
         self.tokenizer = load_tokenizer(ckpt.path)

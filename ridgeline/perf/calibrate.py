@@ -75,7 +75,7 @@ class Sample:
         return abs(self.predicted_s - self.measured_s) / self.measured_s
 
 
-class StepTimer:
+class EngineStepTimer:
     """Times engine steps of chosen shapes on a real engine."""
 
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
@@ -229,7 +229,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
 
     shapes = CALIBRATION_SHAPES[:num_samples] + (holdout_grid() if holdout else [])
     kv_tokens = max(sum(w.context_len + w.new_tokens + 16 for w in shape.seqs) for _, shape in shapes)
-    timer = StepTimer(model, dtype, device, kv_tokens=kv_tokens, repeats=repeats)
+    timer = EngineStepTimer(model, dtype, device, kv_tokens=kv_tokens, repeats=repeats)
     spec = dataclasses.replace(base, name=name) if base is not None else probe(name, device)
     perf_args = {"model": timer.engine.model_config, "options": {"dtype": timer.dtype}}
     # Held-out shapes are timed in the same rounds as the calibration samples (so drift of a
