@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ridgeline.bench.metrics import max_concurrency_observed
+from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
 from ridgeline.kv_cache import BlockManager
 from ridgeline.perf import HardwareSpecError, SeqWork, StepShape
 from ridgeline.sampling_params import SamplingParams
@@ -62,6 +63,17 @@ def test_step_timer_matches_perf_model(pm):
     slow = StepTimer(pm, 2048, 256)
     slow._fast = False
     assert slow.decode_run(7, 700.0, 5, 0.0)[1] == pytest.approx(timer.decode_run(7, 700.0, 5, 0.0)[1], rel=1e-12)
+    # Hydragen: `saved` fewer KV positions read (same pairs) while the blocks used stay <= saved_until.
+    counts = [0] * 16
+    counts[-2 % 16] = 7  # step 2 allocates a block for each row
+    k, end, used = timer.decode_run(7, 7 * 101.0, 5, 0.0, avail=100, block_counts=counts, step0=0, saved=600.0,
+                                    saved_until=6)
+    assert (k, used) == (5, 7)
+    expect = [pm.step_time_vector((7, 7, 7, 7 * 101.0 + 7 * j, 7 * 101.0 + 7 * j - (600 if j < 2 else 0)))
+              for j in range(5)]
+    assert end == pytest.approx(sum(expect), rel=1e-12)
+    assert slow.decode_run(7, 7 * 101.0, 5, 0.0, avail=100, block_counts=counts, saved=600.0,
+                           saved_until=6)[1] == pytest.approx(sum(expect), rel=1e-12)
 
 
 def test_single_request_ttft_and_tpot_from_the_perf_model(pm):
@@ -195,10 +207,27 @@ def test_seeded_runs_are_deterministic(pm):
 
 # ---------------------------------------------------------------- the engine's scheduler as the oracle
 
+def engine_hydragen(batch, hydragen: HydragenConfig | None, block_size: int = 16) -> list[tuple[tuple[int, ...], int]]:
+    """The engine's Hydragen parts for a scheduled batch, as StepShape.shared_prefixes: the decode
+    group is every row with one new token (LLMEngine.step sorts them first), and
+    attention._decode_group runs find_shared_prefixes on their real block tables with
+    num_full_blocks = num_computed_tokens // block_size."""
+    rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+    if hydragen is None or len(rows) < 2:
+        return []
+    seqs = [batch.seqs[i] for i in rows]
+    parts, _ = find_shared_prefixes([s.block_table for s in seqs], [s.num_computed_tokens // block_size
+                                                                     for s in seqs], block_size, hydragen)
+    return [(tuple(rows[r] for r in p.rows), len(p.blocks) * block_size) for p in parts]
+
+
 def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: list[float], num_blocks: int,
-                 max_num_seqs: int, max_tokens: int, prefix_caching: bool = True):
+                 max_num_seqs: int, max_tokens: int, prefix_caching: bool = True,
+                 hydragen: HydragenConfig | None = HydragenConfig()):
     """Drive ridgeline.scheduler.Scheduler with a BlockManager as LLMEngine.step does, timing each
-    batch with PerfModel: (first-token times, finish times, preemptions, prefix-cache hit tokens)."""
+    batch with PerfModel (Hydragen's saved K/V reads included, as the engine's rule finds them on
+    its block tables): (first-token times, finish times, preemptions, prefix-cache hit tokens,
+    (steps with Hydragen parts, blocks they saved, most parts in a step)))."""
     bm = BlockManager(num_blocks, 16, prefix_caching)
     sch = Scheduler(SchedulerConfig(max_num_seqs, max_tokens), bm)
     fresh = itertools.count(10 ** 7)
@@ -206,6 +235,7 @@ def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: lis
     first, done = [None] * n, [None] * n
     rid_of: dict[int, int] = {}
     t, i = 0.0, 0
+    hy_steps = hy_saved = hy_parts = 0
     while sum(d is not None for d in done) < n:
         while i < n and arrivals[i] <= t:
             req = Request(str(i), None, list(prompts[i]), SamplingParams(max_tokens=outputs[i]))
@@ -219,8 +249,13 @@ def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: lis
             t = arrivals[i]
             continue
         starts = [s.num_computed_tokens for s in batch.seqs]
+        shared = engine_hydragen(batch, hydragen)
+        if shared:
+            hy_steps += 1
+            hy_saved += sum((len(rows) - 1) * length for rows, length in shared) // 16
+            hy_parts = max(hy_parts, len(shared))
         t += pm.step_time(StepShape([SeqWork(k, c, c + k == s.num_tokens)
-                                     for s, k, c in zip(batch.seqs, batch.num_new_tokens, starts)]))
+                                     for s, k, c in zip(batch.seqs, batch.num_new_tokens, starts)], shared))
         for s, k, c in zip(batch.seqs, batch.num_new_tokens, starts):
             s.num_computed_tokens += k
             s.num_cached_blocks = bm.cache_full_blocks(s.token_ids, s.block_hashes, s.block_table,
@@ -233,21 +268,26 @@ def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: lis
                 if s.num_output_tokens >= outputs[r]:
                     sch.finish(s)
                     done[r] = t
-    return first, done, sch.num_preemptions, bm.num_cache_hits
+    return first, done, sch.num_preemptions, bm.num_cache_hits, (hy_steps, hy_saved, hy_parts)
 
 
-def _compare(pm, prompts, outputs, arrivals, chains, num_blocks, max_num_seqs, max_tokens):
-    ref_first, ref_done, ref_pre, ref_hits = engine_trace(pm, prompts, outputs, arrivals, num_blocks, max_num_seqs,
-                                                          max_tokens)
+def _compare(pm, prompts, outputs, arrivals, chains, num_blocks, max_num_seqs, max_tokens,
+             hydragen: HydragenConfig | None = HydragenConfig()):
+    """The simulator against engine_trace: identical times, preemptions and hits. Returns the
+    simulation and the engine's Hydragen (steps with parts, blocks saved, most parts in a step)."""
+    ref_first, ref_done, ref_pre, ref_hits, ref_hy = engine_trace(pm, prompts, outputs, arrivals, num_blocks,
+                                                                  max_num_seqs, max_tokens, hydragen=hydragen)
     wl = synthetic_workload([len(p) for p in prompts], outputs, arrivals, chains)
+    hy = dict(enable_hydragen=False) if hydragen is None else dict(
+        hydragen_min_saved_tokens=hydragen.min_saved_tokens, hydragen_min_saved_fraction=hydragen.min_saved_fraction)
     r = simulate(cfg(kv_cache_memory=num_blocks * pm.kv_bytes_per_block, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=max_tokens), wl, pm)
+                     max_num_batched_tokens=max_tokens, **hy), wl, pm)
     assert r.kv_blocks == num_blocks
     assert r.first_token == pytest.approx(ref_first, rel=1e-9)
     assert r.finish == pytest.approx(ref_done, rel=1e-9)
     assert sum(r.preemptions) == ref_pre
     assert sum(r.hit_tokens) == ref_hits
-    return r
+    return r, ref_hy
 
 
 def _random_prompts(n: int, seed: int, lo: int, hi: int, prefixes: list[list[int]] | None = None):
@@ -275,28 +315,39 @@ def _random_prompts(n: int, seed: int, lo: int, hi: int, prefixes: list[list[int
 
 def test_matches_engine_scheduler_chunked_and_admission_limits(pm):
     prompts, outputs, arrivals, chains = _random_prompts(60, 0, 10, 700)
-    r = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=5000, max_num_seqs=8, max_tokens=256)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=5000, max_num_seqs=8, max_tokens=256)
     assert sum(r.preemptions) == 0
 
 
 def test_matches_engine_scheduler_under_preemption(pm):
     prompts, outputs, arrivals, chains = _random_prompts(60, 1, 10, 300)
-    r = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=60, max_num_seqs=16, max_tokens=512)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=60, max_num_seqs=16, max_tokens=512)
     assert sum(r.preemptions) > 5
 
 
 def test_matches_engine_scheduler_with_shared_prefixes(pm):
     prefixes = [list(range(100 + 1000 * k, 100 + 1000 * k + 200 + 37 * k)) for k in range(3)]
     prompts, outputs, arrivals, chains = _random_prompts(60, 2, 1, 100, prefixes)
-    r = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=3000, max_num_seqs=16, max_tokens=512)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=3000, max_num_seqs=16, max_tokens=512)
     assert sum(r.hit_tokens) > 0
+    assert hy[0] > 20  # Hydragen steps, the saving checked exactly
+    # With the fraction rule relaxed and a lower per-part threshold, more (and smaller) parts engage.
+    r, hy2 = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=3000, max_num_seqs=16, max_tokens=512,
+                      hydragen=HydragenConfig(200, 0.2))
+    assert hy2[0] > hy[0] and hy2[2] >= 3
+    _compare(pm, prompts, outputs, arrivals, chains, num_blocks=3000, max_num_seqs=16, max_tokens=512,
+             hydragen=None)
 
 
 def test_matches_engine_scheduler_with_prefixes_evictions_and_preemption(pm):
     prefixes = [list(range(100 + 1000 * k, 100 + 1000 * k + 200 + 37 * k)) for k in range(3)]
     prompts, outputs, arrivals, chains = _random_prompts(80, 3, 1, 100, prefixes)
-    r = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=80, max_num_seqs=16, max_tokens=512)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=80, max_num_seqs=16, max_tokens=512)
     assert sum(r.preemptions) > 5 and sum(r.hit_tokens) > 0
+    assert hy[0] > 10
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=80, max_num_seqs=16, max_tokens=512,
+                     hydragen=HydragenConfig(100, 0.1))
+    assert hy[0] > 10
 
 
 def test_matches_engine_scheduler_on_multi_turn_prefix_chains(pm):
@@ -316,8 +367,185 @@ def test_matches_engine_scheduler_on_multi_turn_prefix_chains(pm):
             outputs.append(rng.randint(1, 40))
             hist = hist + [next(ids) for _ in range(20)]
     arrivals = [i / 2000 for i in range(len(prompts))]
-    r = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=45, max_num_seqs=16, max_tokens=256)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=45, max_num_seqs=16, max_tokens=256)
     assert sum(r.preemptions) > 5 and sum(r.hit_tokens) > 0
+
+
+def _multi_turn(conversations: int, turns: int, system: int, user: int, reply: int, seed: int):
+    import random
+
+    rng, ids = random.Random(seed), itertools.count(1000)
+    sys_ids = [next(ids) for _ in range(system)]
+    prompts, chains, outputs = [], [], []
+    for c in range(conversations):
+        hist, chain = [1] + sys_ids, ((("system",), 1 + system),)
+        for t in range(turns):
+            hist = hist + [next(ids) for _ in range(user)]
+            chain = chain + ((("conv", c, t), len(hist)),)
+            prompts.append(list(hist))
+            chains.append(chain)
+            outputs.append(rng.randint(1, 40))
+            hist = hist + [next(ids) for _ in range(reply)]
+    return prompts, chains, outputs
+
+
+def test_matches_engine_hydragen_on_nested_multi_turn_prefixes(pm):
+    """Nested parts: every row shares the system prompt, the turns of one conversation share its
+    earlier turns too (a trie of prefix-cache nodes, runs breaking where rows stop or diverge)."""
+    prompts, chains, outputs = _multi_turn(6, 3, 200, 100, 50, seed=11)
+    arrivals = [i / 2000 for i in range(len(prompts))]
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=32, max_tokens=512,
+                     hydragen=HydragenConfig(128, 0.5))
+    assert hy[0] > 10 and hy[2] >= 8  # the system part and nested per-conversation parts
+    # The engine's defaults: the system prompt alone saves too little of the rows' blocks.
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=32, max_tokens=512)
+    assert hy[0] == 0
+    # A tight pool: preemptions, evictions and recomputed sequences hitting their own blocks.
+    prompts, chains, outputs = _multi_turn(8, 3, 200, 100, 50, seed=11)
+    arrivals = [i / 2000 for i in range(len(prompts))]
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=100, max_num_seqs=32, max_tokens=512,
+                     hydragen=HydragenConfig(64, 0.25))
+    assert sum(r.preemptions) >= 5 and hy[0] > 50 and hy[2] >= 6
+
+
+def test_matches_engine_scheduler_when_prompts_end_on_block_boundaries(pm):
+    """A 256-token prompt's last block is not claimed while it is computed (the engine hashes a
+    prompt's blocks up to its last token's), so the next turn, admitted meanwhile, computes its own
+    copy: a private, unregistered block, after which its later blocks are registered again."""
+    prompts, chains, outputs = _multi_turn(5, 4, 30, 100, 25, seed=100)
+    assert len(prompts[1]) == 256
+    hys = []
+    for hydragen in (HydragenConfig(16, 0.1), HydragenConfig(), None):
+        r, hy = _compare(pm, prompts, outputs, [0.0] * len(prompts), chains, num_blocks=94, max_num_seqs=32,
+                         max_tokens=128, hydragen=hydragen)
+        assert sum(r.preemptions) >= 5 and sum(r.hit_tokens) > 0
+        hys.append(hy[0])
+    assert hys[0] > 20 and hys[2] == 0
+
+
+def test_hydragen_index_matches_find_shared_prefixes_on_random_tries():
+    """The simulator's incremental index against the engine's function on the block tables the
+    rows would have: random prefix trees, rows holding a path of nodes up to a random block
+    (partial holdings too), rows joining and leaving in random order."""
+    import random
+
+    from ridgeline.sim.cache import Node
+    from ridgeline.sim.hydragen import HydragenIndex
+
+    rng = random.Random(0)
+    ids = itertools.count()
+    for trial in range(60):
+        bs, need = 16, rng.choice([16, 64, 128, 512])
+        roots = []  # (node, children)
+
+        def grow(start, depth):
+            nd = Node(("n", next(ids)), start, start + rng.randint(1, 6))
+            kids = [grow(nd.end, depth + 1) for _ in range(rng.choice([0, 1, 1, 2, 3]) if depth < 4 else 0)]
+            return nd, kids
+
+        roots = [grow(0, 0) for _ in range(rng.randint(1, 3))]
+        index = HydragenIndex(bs, need)
+        live: list[tuple] = []  # (sig, table, full blocks)
+        for _ in range(40):
+            if live and rng.random() < 0.35:
+                sig, _, _ = live.pop(rng.randrange(len(live)))
+                index.remove(sig)
+            else:
+                path, (nd, kids) = [], rng.choice(roots)
+                while True:
+                    path.append(nd)
+                    if not kids or rng.random() < 0.3:
+                        break
+                    nd, kids = rng.choice(kids)
+                held = rng.randint(path[-1].start + 1, path[-1].end)
+                sig = tuple((n, min(held, n.end)) for n in path)
+                table = [next(n for n in path if n.start <= j < n.end).key[1] * 1000 + j for j in range(held)]
+                table += [10 ** 9 + next(ids) for _ in range(rng.randint(0, 3))]  # private blocks
+                live.append((sig, table, len(table)))
+                index.add(sig)
+            parts, _ = find_shared_prefixes([t for _, t, _ in live], [f for _, _, f in live], bs,
+                                            HydragenConfig(need, 0.0))
+            expect = sum((len(p.rows) - 1) * len(p.blocks) for p in parts)
+            assert index.saved_blocks() == expect, (trial, live)
+
+
+def _decode_steps(pm, starts: list[int], saved: int = 0) -> float:
+    """One decode step by hand: rows at these contexts, `saved` KV positions not read."""
+    kv = sum(c + 1 for c in starts)
+    n = len(starts)
+    return pm.step_time_vector((n, n, n, float(kv), float(kv - saved)))
+
+
+def _hydragen_workload(prefix: int, rows: list[tuple[int, int, bool]], max_tokens: int = 8192):
+    """Request 0 computes a cached prefix of `prefix` tokens alone; at t=1 s rows (prompt, output,
+    shares the prefix) arrive together. Engine prompts and simulator chains."""
+    ids = itertools.count(10 ** 5)
+    head = [1] + [next(ids) for _ in range(prefix - 1)]
+    chain = ((("p", 0), prefix),)
+    prompts, outputs, chains, arrivals = [head], [1], [chain], [0.0]
+    for plen, out, shares in rows:
+        base = head if shares else [1]
+        prompts.append(base + [next(ids) for _ in range(plen - len(base))])
+        outputs.append(out)
+        chains.append(chain if shares else ())
+        arrivals.append(1.0)
+    return prompts, outputs, arrivals, chains
+
+
+def test_hydragen_engages_for_many_rows_sharing_a_long_prefix(pm):
+    """8 decodes share 1,024 cached tokens (64 blocks): 7 x 64 blocks saved out of 8 x 66 full
+    ones, well past both thresholds, so every decode step reads 7 x 1024 fewer KV positions
+    (and computes as many attention pairs)."""
+    prompts, outputs, arrivals, chains = _hydragen_workload(1025, [(1056, 10, True)] * 8)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=2048)
+    assert r.hit_tokens[1:] == [1024] * 8 and hy[0] == 9
+    on = sum(_decode_steps(pm, [1056 + j] * 8, saved=7 * 1024) for j in range(9))
+    off = sum(_decode_steps(pm, [1056 + j] * 8) for j in range(9))
+    assert on < off
+    for i in range(1, 9):
+        assert r.finish[i] - r.first_token[i] == pytest.approx(on, rel=1e-9)
+    wl = synthetic_workload([len(p) for p in prompts], outputs, arrivals, chains)
+    base = dict(kv_cache_memory=2000 * pm.kv_bytes_per_block, max_num_seqs=16)
+    plain = simulate(cfg(enable_hydragen=False, **base), wl, pm)
+    assert plain.first_token == r.first_token  # prefill steps never use it
+    for i in range(1, 9):
+        assert plain.finish[i] - plain.first_token[i] == pytest.approx(off, rel=1e-9)
+    # (g - 1) * P below min_saved_tokens: no part, the decode steps read everything.
+    high = simulate(cfg(hydragen_min_saved_tokens=7 * 1024 + 1, **base), wl, pm)
+    assert high.finish == plain.finish
+
+
+def test_hydragen_fraction_rule_keeps_it_off_then_on(pm):
+    """3 decodes share 512 cached tokens (2 x 32 blocks saved, (g-1)*P = 1024 >= 512) beside 5
+    unshared 1000-token decodes (62 full blocks each): 64 < 0.5 x (3 x 32 + 5 x 62), so no
+    Hydragen while those run; once they finish, 64 >= 0.5 x 3 x 32 and it engages."""
+    rows = [(514, 30, True)] * 3 + [(1000, 5, False)] * 5
+    prompts, outputs, arrivals, chains = _hydragen_workload(513, rows)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=8192)
+    assert hy[0] == 25  # decode steps 4..28, three rows each
+    wide = [_decode_steps(pm, [514 + j] * 3 + [1000 + j] * 5) for j in range(4)]  # nothing saved
+    narrow = [_decode_steps(pm, [514 + j] * 3, saved=2 * 512) for j in range(4, 29)]
+    for i in (1, 2, 3):
+        assert r.finish[i] - r.first_token[i] == pytest.approx(sum(wide) + sum(narrow), rel=1e-9)
+    for i in range(4, 9):
+        assert r.finish[i] - r.first_token[i] == pytest.approx(sum(wide), rel=1e-9)
+    wl = synthetic_workload([len(p) for p in prompts], outputs, arrivals, chains)
+    plain = simulate(cfg(enable_hydragen=False, kv_cache_memory=2000 * pm.kv_bytes_per_block,
+                         max_num_batched_tokens=8192), wl, pm)
+    assert plain.finish[4:] == r.finish[4:]  # identical while the fraction rule keeps it off
+    assert r.finish[1] < plain.finish[1]
+
+
+def test_hydragen_fraction_rule_within_a_decode_run(pm):
+    """2 decodes sharing 32 blocks: saved 32 >= 0.5 x (2 x 32) while each has 32 full blocks
+    (contexts 514..527); from context 528 on, 33 full blocks each and 32 < 33: off. Nothing else
+    happens, so this is one run of decode-only steps switching off midway."""
+    prompts, outputs, arrivals, chains = _hydragen_workload(513, [(514, 20, True)] * 2)
+    r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=2048)
+    assert hy[0] == 14
+    expect = sum(_decode_steps(pm, [514 + j] * 2, saved=512 if j < 14 else 0) for j in range(19))
+    assert r.finish[1] - r.first_token[1] == pytest.approx(expect, rel=1e-9)
+    assert r.replica_stats[0].steps == 1 + 1 + 19  # request 0, the two prompts, the decodes
 
 
 # ---------------------------------------------------------------- options and CLI
@@ -334,6 +562,8 @@ def test_matches_engine_scheduler_on_multi_turn_prefix_chains(pm):
     (dict(replicas=2, policy="disaggregated", link_latency=-1.0), "--link-latency"),
     (dict(max_num_seqs=512, max_num_batched_tokens=256), "--max-num-batched-tokens"),
     (dict(kv_cache_memory="lots"), "--kv-cache-memory"),
+    (dict(hydragen_min_saved_tokens=0), "--hydragen-min-saved-tokens"),
+    (dict(hydragen_min_saved_fraction=1.5), "--hydragen-min-saved-fraction"),
 ])
 def test_bad_config_names_the_option(kw, option):
     with pytest.raises(ValueError, match=option):
@@ -392,6 +622,16 @@ def test_cli_json_table_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="--request-rate"):
         run_from_args(_parse(base + ["--request-rate", "-1"]))
+
+
+def test_cli_hydragen_options():
+    from ridgeline.sim.cli import config_from_args
+
+    c, _ = config_from_args(_parse([]))
+    assert (c.enable_hydragen, c.hydragen_min_saved_tokens, c.hydragen_min_saved_fraction) == (True, 512, 0.5)
+    c, _ = config_from_args(_parse(["--disable-hydragen", "--hydragen-min-saved-tokens", "64",
+                                    "--hydragen-min-saved-fraction", "0.25"]))
+    assert (c.enable_hydragen, c.hydragen_min_saved_tokens, c.hydragen_min_saved_fraction) == (False, 64, 0.25)
 
 
 def test_workload_lengths_follow_the_bench_datasets():

@@ -18,7 +18,7 @@ from typing import Hashable
 class Node:
     """Blocks [start, start + cached) of one prefix; `end` is where the prefix's full blocks stop
     (None: unbounded, a preempted sequence's own blocks)."""
-    __slots__ = ("key", "start", "end", "cached", "refs", "owner")
+    __slots__ = ("key", "start", "end", "cached", "refs", "claims")
 
     def __init__(self, key: Hashable, start: int, end: int | None):
         self.key = key
@@ -26,7 +26,9 @@ class Node:
         self.end = end
         self.cached = 0
         self.refs = 0
-        self.owner = None  # the running sequence computing this prefix's next block
+        # [(seq, lo, hi)]: disjoint block ranges a running sequence claimed to compute (the engine's
+        # pending_prefix entries: a block keeps its first claimer until that one leaves)
+        self.claims: list | None = None
 
     def __repr__(self) -> str:
         return f"Node({self.key!r}, blocks {self.start}+{self.cached}/{self.end}, refs {self.refs})"

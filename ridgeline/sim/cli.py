@@ -10,10 +10,13 @@ from datetime import datetime, timezone
 
 from ..bench.client import DATASETS
 from ..bench.metrics import parse_slos
+from ..hydragen import HydragenConfig
 from .report import format_report, json_ready, plot_cdfs, summarize
 from .router import ROUTERS
 from .simulator import POLICIES, SimConfig, simulate
 from .workload import WorkloadSpec, build_workload
+
+_HYDRAGEN = HydragenConfig()  # the engine's defaults
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV pool per replica, bytes or e.g. 2GiB (default: device memory left after weights)")
     e.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     e.add_argument("--disable-prefix-caching", action="store_true", help="no prefix-cache hits")
+    e.add_argument("--disable-hydragen", action="store_true",
+                   help="no shared-prefix (Hydragen) decode attention: every decode reads its whole context")
+    e.add_argument("--hydragen-min-saved-tokens", type=int, default=_HYDRAGEN.min_saved_tokens,
+                   help="use a prefix of P tokens shared by g decodes if (g-1)*P >= this "
+                        f"(default: {_HYDRAGEN.min_saved_tokens}, as the engine)")
+    e.add_argument("--hydragen-min-saved-fraction", type=float, default=_HYDRAGEN.min_saved_fraction,
+                   help="and only if the shared prefixes save this fraction of the decodes' full KV blocks "
+                        f"(default: {_HYDRAGEN.min_saved_fraction}, as the engine)")
     f = p.add_argument_group("fleet")
     f.add_argument("--replicas", type=int, default=1, help="engine replicas, one device each (default: 1)")
     f.add_argument("--policy", default="colocated", choices=POLICIES,
@@ -82,7 +93,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[SimConfig, WorkloadSpec]
     cfg = SimConfig(model=args.model, hardware=args.hardware, dtype=args.dtype, kv_dtype=args.kv_dtype,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                    enable_prefix_caching=not args.disable_prefix_caching, max_model_len=args.max_model_len,
+                    enable_prefix_caching=not args.disable_prefix_caching,
+                    enable_hydragen=not args.disable_hydragen,
+                    hydragen_min_saved_tokens=args.hydragen_min_saved_tokens,
+                    hydragen_min_saved_fraction=args.hydragen_min_saved_fraction, max_model_len=args.max_model_len,
                     replicas=args.replicas, policy=args.policy, prefill_replicas=args.prefill_replicas,
                     link_bandwidth=args.link_bandwidth, link_latency=args.link_latency, router=args.router)
     spec = WorkloadSpec(**{name: getattr(args, name) for name in WorkloadSpec.__dataclass_fields__})

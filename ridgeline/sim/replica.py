@@ -23,7 +23,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..hydragen import HydragenConfig
 from .cache import BlockPool, Node
+from .hydragen import HydragenIndex, row_signature
 from .steptime import StepTimer
 
 if TYPE_CHECKING:
@@ -35,11 +37,34 @@ IDLE, PENDING, STEP, RUN, HANDLING = range(5)
 COLOCATED, PREFILL_ONLY, DECODE_ONLY = "colocated", "prefill", "decode"
 
 
+def _uncovered(lo: int, hi: int, claims: list) -> list[tuple[int, int]]:
+    """The parts of blocks [lo, hi) no claim covers."""
+    out = []
+    for _, a, b in sorted(claims, key=lambda c: c[1]):
+        if b <= lo:
+            continue
+        if a >= hi:
+            break
+        if a > lo:
+            out.append((lo, a))
+        lo = max(lo, b)
+        if lo >= hi:
+            return out
+    if lo < hi:
+        out.append((lo, hi))
+    return out
+
+
+def _running_order(q: "Seq") -> int:
+    return q.order
+
+
 class Seq:
     """One request on its way through a replica (or two, disaggregated)."""
     __slots__ = ("rid", "prompt_len", "output_len", "num_tokens", "computed", "chain", "state", "off",
                  "shared", "nodes", "claims", "self_node", "epoch", "sent", "first_token", "finish",
-                 "preemptions", "hit_tokens", "replica", "decode_replica", "transfer_s")
+                 "preemptions", "hit_tokens", "replica", "decode_replica", "transfer_s", "hsig", "order", "reg",
+                 "extra", "dups", "loose")
 
     def __init__(self, rid: int, prompt_len: int, output_len: int, chain: tuple, sent: float):
         self.rid = rid
@@ -51,8 +76,14 @@ class Seq:
         self.state = WAITING
         self.off = 0  # decode: context = off + replica.steps
         self.shared = 0  # leading blocks held in prefix-cache nodes
+        # Prompt blocks it computed inside the prefix chain, as the engine's cache_full_blocks sees
+        # them: reg = blocks looked at so far; a block another sequence registered first stays a
+        # private, unregistered copy (dups, freed on release); blocks registered after such a copy
+        # are node blocks but not part of the leading run (extra); a block registered past an
+        # evicted gap of its node is cached but unreachable (loose).
+        self.reg = self.extra = self.dups = self.loose = 0
         self.nodes: list[Node] = []  # nodes referenced
-        self.claims: list[Node] = []  # nodes whose next block this sequence computes
+        self.claims: list[Node] = []  # nodes where it claimed blocks to compute (until it leaves)
         self.self_node: Node | None = None  # own full blocks cached at preemption
         self.epoch = 0  # bumped on preemption: stale finish-heap entries
         self.sent = sent
@@ -63,6 +94,8 @@ class Seq:
         self.replica = -1
         self.decode_replica = -1
         self.transfer_s = 0.0
+        self.hsig = None  # decoding: its shared prefix-cache blocks in the Hydragen index
+        self.order = 0  # when it joined its replica's running list (the engine's batch order)
 
 
 @dataclass
@@ -70,6 +103,7 @@ class EngineLimits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
+    hydragen: HydragenConfig | None = None  # None: off (disabled, sliding window, or no prefix caching)
 
 
 @dataclass
@@ -98,10 +132,12 @@ class Replica:
         self.steps = 0
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []  # admission order, newest last
+        self._joined = 0  # sequences appended to `running` so far
         self.prefills: list[Seq] = []  # running sequences still computing their prompt
         self.n_decode = 0
         self.sum_off = 0
         self.buckets = [0] * self.bs  # decodes per off % block_size
+        self.sum_res = 0  # sum of off % block_size over the decodes
         self.finishes: list[tuple[int, int, int, Seq]] = []  # (last step, rid, epoch, seq)
         self.incoming: deque[Seq] = deque()  # disaggregated decode: prefilled, awaiting KV room
         self.ready: list[Seq] = []  # KV arrived: join the decodes at the next step
@@ -118,6 +154,11 @@ class Replica:
         self._run_x0 = 0.0
         self._run_used = 0
         self._run_need0 = 0
+        self._run_saved = 0.0  # Hydragen: KV positions the run's steps do not read
+        self._run_saved_until = 0
+        hy = limits.hydragen
+        self.hydragen = HydragenIndex(self.bs, hy.min_saved_tokens) if hy is not None else None
+        self.hy_fraction = hy.min_saved_fraction if hy is not None else 0.0
 
     # ------------------------------------------------------------------ events
 
@@ -173,6 +214,9 @@ class Replica:
             budget -= self.n_decode
         sched: list[tuple[Seq, int]] = []
         if self.prefills:
+            # (The engine takes running sequences with one pending token along with the decodes; a
+            # running prefill is only ever left with one when none before it has tokens pending,
+            # so admission order is the same order.)
             for q in list(self.prefills):
                 if budget == 0:
                     break
@@ -210,6 +254,9 @@ class Replica:
                 kv += c + n
                 if c + n == q.num_tokens:
                     logits += 1
+            hy = self.hydragen
+            if hy is not None and hy.rows + len(sched) >= 2:
+                kv -= self._hydragen_saving(s, B, sched)
             dur = self.timer.time(tokens, B + len(sched), logits, pairs, kv)
             self._sched = sched
             self._run_k = 0
@@ -225,20 +272,100 @@ class Replica:
         while fin and (fin[0][2] != fin[0][3].epoch or fin[0][3].state != DECODE):
             heapq.heappop(fin)
         max_steps = fin[0][0] - s + 1 if fin else 1
+        saved, until = 0.0, 0
+        if self.hydragen is not None and self.hydragen.rows >= 2:
+            saved, until = self._hydragen_run(s, need0)
         k, end, used = self.timer.decode_run(B, x0, max_steps, t, None, self.pool.available + need0,
-                                             self.buckets, s)
+                                             self.buckets, s, saved, until)
         self._sched = []
         self._run_k, self._run_x0, self._run_used, self._run_need0 = k, x0, used, need0
+        self._run_saved, self._run_saved_until = saved, until
         self._t0, self._end = t, end
         self.state = RUN
 
     def _cut(self, t: float) -> None:
         k, end, used = self.timer.decode_run(self.n_decode, self._run_x0, self._run_k, self._t0, t,
-                                             self.pool.available + self._run_need0, self.buckets, self.steps)
+                                             self.pool.available + self._run_need0, self.buckets, self.steps,
+                                             self._run_saved, self._run_saved_until)
         if k < self._run_k:
             self._run_k, self._end, self._run_used = k, end, used
             self.version += 1
             self.sim.push_step_end(end, self)
+
+    # ------------------------------------------------------------------ Hydragen
+
+    def _full_blocks(self, s: int, saved: int, extra: int = 0) -> int | None:
+        """Full blocks of the decodes' contexts at step s: sum((off + s) // bs), the engine's
+        num_computed_tokens // block_size summed over its decode rows; None when a lower bound
+        (plus `extra` full blocks) already puts `saved` below the fraction rule's threshold."""
+        bs, b = self.bs, self.buckets
+        low = (self.sum_off + self.n_decode * (s - bs + 1)) // bs + extra
+        if saved < self.hy_fraction * max(1, low):
+            return None
+        # sum((off + s) % bs) over the decodes, from the residues' sum and how many wrap around
+        m = s % bs
+        rem = self.sum_res + self.n_decode * m - (bs * sum(b[bs - m:]) if m else 0)
+        return (self.sum_off + self.n_decode * s - rem) // bs
+
+    def _hydragen_saving(self, s: int, B: int, sched: list[tuple[Seq, int]]) -> int:
+        """KV positions a general step does not read thanks to shared-prefix attention, by the
+        engine's rule (ridgeline.hydragen.find_shared_prefixes) over its decode rows: the decodes and
+        any one-token prefill chunk (the engine puts every row with one new token in the decode
+        group). Longer prefill chunks never use it."""
+        hy = self.hydragen
+        ones = [q for q, n in sched if n == 1]
+        if B + len(ones) < 2 or hy.rows + len(ones) < 2:
+            return 0
+        if ones:  # in the index for this step only
+            sigs = [sig for sig in map(row_signature, ones) if sig is not None]
+            for sig in sigs:
+                hy.add(sig)
+            saved = hy.saved_blocks()
+            for sig in sigs:
+                hy.remove(sig)
+        else:
+            saved = hy.saved_blocks()
+        if not saved:
+            return 0
+        extra = sum(q.computed // self.bs for q in ones)
+        full = self._full_blocks(s, saved, extra)
+        if full is None or saved < self.hy_fraction * max(1, full + extra):
+            return 0
+        return saved * self.bs
+
+    def _hydragen_run(self, s: int, need0: int) -> tuple[float, int]:
+        """(KV positions saved per step, the most blocks the run may have used with the saving on).
+
+        The decode rows, hence the parts and the saved blocks, do not change within a run of
+        decode-only steps; only the fraction rule's denominator (the rows' full blocks) grows, by
+        the blocks each step allocates. decode_run counts those (`used`, this step's included; the
+        run's first step allocates need0), so step k has full(s) + used - need0 full blocks and
+        keeps the saving while that stays within the fraction rule: exact per step."""
+        hy = self.hydragen
+        saved = hy.saved_blocks()
+        if not saved:
+            return 0.0, 0
+        full = self._full_blocks(s, saved)
+        if full is None:
+            return 0.0, 0
+        base = full - need0
+        frac = self.hy_fraction
+
+        def on(used: int) -> bool:
+            return not saved < frac * max(1, base + used)
+
+        if not on(need0):
+            return 0.0, 0
+        if frac <= 0:
+            return float(saved * self.bs), 1 << 62
+        u = max(need0, int(saved / frac) - base)
+        while on(u + 1):
+            u += 1
+        while not on(u):
+            u -= 1
+        return float(saved * self.bs), u
+
+    # ------------------------------------------------------------------ admission
 
     def _admit(self, budget: int, sched: list[tuple[Seq, int]]) -> None:
         """FCFS admission, as Scheduler._admit."""
@@ -268,6 +395,7 @@ class Replica:
                 pool.ref(nd)
             q.nodes = list(hit)
             q.shared = h
+            q.reg = h
             q.computed = computed
             pool.allocate(need)
             if caching and q.chain:
@@ -276,6 +404,8 @@ class Replica:
             self.stats.cache_hits += computed
             q.hit_tokens += computed
             q.state = PREFILL
+            q.order = self._joined
+            self._joined += 1
             self.running.append(q)
             self.prefills.append(q)
             sched.append((q, n))
@@ -316,61 +446,90 @@ class Replica:
                 end = length // bs
                 if prev <= h < end:
                     nd = nodes.get(key)
-                    owner = nd.owner if nd is not None else None
-                    pending = owner is not None and owner is not q and owner.state == PREFILL
+                    if nd is not None and nd.claims:
+                        for owner, lo, hi in nd.claims:
+                            if lo <= h < hi:
+                                pending = owner is not q
+                                break
                     break
                 prev = max(prev, end)
         return h, hit, pending
 
     def _claim(self, q: Seq, h: int) -> None:
-        """Mark the prefix blocks q will compute, so requests sharing them wait instead of duplicating."""
+        """Mark the prefix blocks q will compute, so requests sharing them wait instead of duplicating.
+        As Scheduler._claim_prefix: the blocks from h up to the (num_tokens - 1) // block_size its
+        lookup hashed (a prompt's last block only once it is full and computed), each block keeping
+        an earlier running claimer; claims last until q leaves or is preempted."""
         bs, pool = self.bs, self.pool
+        cap = (q.num_tokens - 1) // bs
         prev = 0
         for key, length in q.chain:
+            if prev >= cap:
+                break
             end = length // bs
             if end <= prev:
                 continue
-            if end > h:
+            lo, hi = max(h, prev), min(end, cap)
+            if lo < hi:
                 nd = pool.node(key, prev, end)
-                if nd.owner is None or nd.owner.state != PREFILL:
-                    nd.owner = q
+                if not nd.claims:
+                    nd.claims = [(q, lo, hi)]
                     q.claims.append(nd)
+                else:
+                    added = False
+                    for a, b in _uncovered(lo, hi, nd.claims):
+                        nd.claims.append((q, a, b))
+                        added = True
+                    if added:
+                        q.claims.append(nd)
             prev = end
 
     def _release_claims(self, q: Seq) -> None:
         for nd in q.claims:
-            if nd.owner is q:
-                nd.owner = None
+            nd.claims = [c for c in nd.claims if c[0] is not q]
         q.claims = []
 
     def _register(self, q: Seq) -> None:
-        """Full prompt blocks just computed become findable prefix-cache blocks (first writer wins)."""
+        """Full prompt blocks just computed become findable prefix-cache blocks, block by block as
+        BlockManager.cache_full_blocks: a block whose content is cached already (another sequence
+        registered it first) stays q's private copy, and the blocks after it are still registered."""
         bs, pool = self.bs, self.pool
         full = q.computed // bs
+        j = q.reg
+        if full <= j:
+            return
         prev = 0
         for key, length in q.chain:
             end = length // bs
             if end <= prev:
                 continue
-            if q.shared >= end:
+            if end <= j:
                 prev = end
                 continue
-            if q.shared < prev or full <= q.shared:
-                return
+            lo, hi = j, min(full, end)
             nd = pool.node(key, prev, end)
-            if nd.start + nd.cached != q.shared:
-                return
-            if nd not in q.nodes:
-                pool.ref(nd)
-                q.nodes.append(nd)
-            k = min(full, end) - q.shared
-            nd.cached += k
-            q.shared += k
-            if q.shared < end:
-                return
-            if nd.owner is q:
-                nd.owner = None
+            c = nd.start + nd.cached
+            if lo < c:  # registered first by another sequence
+                d = min(hi, c) - lo
+                q.dups += d
+                lo += d
+            if lo < hi:
+                if lo == c:
+                    if nd not in q.nodes:
+                        pool.ref(nd)
+                        q.nodes.append(nd)
+                    nd.cached += hi - lo
+                    if q.shared == lo:
+                        q.shared = hi
+                    else:
+                        q.extra += hi - lo
+                else:  # the node's tail was evicted: cached, but no lookup reaches it
+                    q.loose += hi - lo
+            j = hi
+            if j >= full:
+                break
             prev = end
+        q.reg = full
 
     # ------------------------------------------------------------------ preemption
 
@@ -406,18 +565,19 @@ class Replica:
         else:
             self.prefills.remove(q)
             kv = q.computed
-        private = -(-kv // bs) - q.shared
-        full = kv // bs - q.shared
+        private = -(-kv // bs) - q.shared - q.extra
+        own = q.shared + q.extra + q.dups + q.loose  # where its own content's blocks start
+        full = kv // bs - own
         if pool.enable_prefix_caching and full > 0:
             sn = q.self_node
             if sn is not None and sn in q.nodes:
-                if sn.start + sn.cached == q.shared:
+                if sn.start + sn.cached == own:
                     sn.cached += full
                     private -= full
             else:
                 if sn is not None:
                     pool.drop(sn)
-                sn = q.self_node = pool.node(("seq", q.rid), q.shared, None)
+                sn = q.self_node = pool.node(("seq", q.rid), own, None)
                 sn.cached = full
                 sn.refs = 1
                 q.nodes.append(sn)
@@ -426,7 +586,7 @@ class Replica:
         for nd in reversed(q.nodes):  # the engine frees tail blocks first: they are evicted first
             pool.unref(nd)
         q.nodes = []
-        q.shared = 0
+        q.shared = q.reg = q.extra = q.dups = q.loose = 0
         q.computed = 0
         self._release_claims(q)
         q.state = WAITING
@@ -443,14 +603,25 @@ class Replica:
         q.off = q.computed - first_step
         self.n_decode += 1
         self.sum_off += q.off
-        self.buckets[q.off % self.bs] += 1
+        r = q.off % self.bs
+        self.buckets[r] += 1
+        self.sum_res += r
         last = first_step + q.output_len - (q.num_tokens - q.prompt_len) - 1
         heapq.heappush(self.finishes, (last, q.rid, q.epoch, q))
+        if self.hydragen is not None and q.nodes:
+            q.hsig = row_signature(q)
+            if q.hsig is not None:
+                self.hydragen.add(q.hsig)
 
     def _remove_decode(self, q: Seq) -> None:
         self.n_decode -= 1
         self.sum_off -= q.off
-        self.buckets[q.off % self.bs] -= 1
+        r = q.off % self.bs
+        self.buckets[r] -= 1
+        self.sum_res -= r
+        if q.hsig is not None:
+            self.hydragen.remove(q.hsig)
+            q.hsig = None
 
     def _apply(self, t: float) -> None:
         st = self.stats
@@ -464,6 +635,21 @@ class Replica:
             self._run_k = 0
         last = s + k - 1
         self.steps = s + k
+        # Leaving sequences free their blocks in the engine's batch order (decodes first, in running
+        # order; then prompts done with their only token), which sets the prefix cache's LRU order.
+        fin = self.finishes
+        if fin and fin[0][0] <= last:
+            done = []
+            while fin and fin[0][0] <= last:
+                _, _, epoch, q = heapq.heappop(fin)
+                if epoch == q.epoch and q.state == DECODE:
+                    done.append(q)
+            if len(done) > 1:
+                done.sort(key=_running_order)
+            for q in done:
+                self._remove_decode(q)
+                self.running.remove(q)
+                self._finish(q, t, q.off + last + 1)
         for q, n in self._sched:
             q.computed += n
             st.prefill_tokens += n
@@ -474,12 +660,12 @@ class Replica:
                 if q.first_token is None:
                     q.first_token = t
                 self.prefills.remove(q)
-                if q.claims:
-                    self._release_claims(q)
                 if q.num_tokens - q.prompt_len >= q.output_len:
                     self.running.remove(q)
                     self._finish(q, t, q.computed)
                 elif self.role == PREFILL_ONLY:
+                    if q.claims:
+                        self._release_claims(q)
                     self.running.remove(q)
                     q.state = HANDOFF
                     self.load -= 1
@@ -487,22 +673,15 @@ class Replica:
                 else:
                     self._add_decode(q, last + 1)
         self._sched = []
-        fin = self.finishes
-        while fin and fin[0][0] <= last:
-            _, _, epoch, q = heapq.heappop(fin)
-            if epoch != q.epoch or q.state != DECODE:
-                continue
-            self._remove_decode(q)
-            self.running.remove(q)
-            self._finish(q, t, q.off + last + 1)
 
     def _free(self, q: Seq, kv: int, tag: str) -> None:
         """Release a leaving sequence's blocks. As in the engine, its full blocks stay cached
         (evictable, least recently released first) rather than free; nothing will hit them
         but they are evicted in the engine's order."""
         pool = self.pool
-        private = -(-kv // self.bs) - q.shared
-        full = kv // self.bs - q.shared
+        private = -(-kv // self.bs) - q.shared - q.extra
+        # Its own full blocks (and loose ones) stay cached; partly filled and duplicate blocks are free.
+        full = kv // self.bs - q.shared - q.extra - q.dups
         if pool.enable_prefix_caching and full > 0:
             pool.park((tag, q.rid), q.shared, full)
             private -= full
@@ -510,10 +689,12 @@ class Replica:
         for nd in reversed(q.nodes):
             pool.unref(nd)
         q.nodes = []
-        q.shared = 0
+        q.shared = q.reg = q.extra = q.dups = q.loose = 0
         q.self_node = None  # belongs to this pool; a decode replica starts afresh
 
     def _finish(self, q: Seq, t: float, kv: int) -> None:
+        if q.claims:
+            self._release_claims(q)
         self._free(q, kv, "done")
         q.state = DONE
         q.finish = t
@@ -545,6 +726,8 @@ class Replica:
     def _join_ready(self) -> None:
         for q in self.ready:
             self.reserved -= 1
+            q.order = self._joined
+            self._joined += 1
             self.running.append(q)
             self._add_decode(q, self.steps)
         self.ready = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..perf import PerfModel
 
 _NDIM = 5  # tokens, seqs, logits, attn_pairs, kv_read (ridgeline.perf.ops.STAT_NAMES)
+_NEVER = 1 << 60  # a block count no run reaches
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class StepTimer:
             else:
                 self.mixed.append(_MixedOp(f, bc, b, dispatch))
         self.t_tokens, self.t_seqs, self.t_logits = tables
+        self._coef_cache: list[list | None] = [None] * self._size  # decode runs' coefficients per batch
         return True
 
     def _verify(self) -> bool:
@@ -96,21 +98,23 @@ class StepTimer:
         return total
 
     def decode_run(self, batch: int, x0: float, max_steps: int, t0: float, until: float | None = None,
-                   avail: int | None = None, block_counts: list[int] | None = None, step0: int = 0
-                   ) -> tuple[int, float, int]:
+                   avail: int | None = None, block_counts: list[int] | None = None, step0: int = 0,
+                   saved: float = 0.0, saved_until: int | None = None) -> tuple[int, float, int]:
         """Time a run of decode-only steps of `batch` sequences: step j reads x0 + j * batch KV
         positions (and as many attention pairs). Stops after max_steps, or after the first step
         ending at or after `until`, or before a step needing more new blocks than `avail` (the
-        step with global index i needs block_counts[-i % len] blocks). Returns (steps, end time,
-        blocks used)."""
+        step with global index i needs block_counts[-i % len] blocks). Hydragen: steps read
+        `saved` fewer KV positions (not fewer pairs) while the blocks used so far, the step's own
+        included, are at most `saved_until` (None: every step; only checked with block_counts).
+        Returns (steps, end time, blocks used)."""
         bs = len(block_counts) if block_counts else 1
         if self._fast and batch < self._size:
             base = self.const + self.t_tokens[batch] + self.t_seqs[batch] + self.t_logits[batch]
-            coeffs = [(op.f[0] * batch + op.f[1] * batch + op.f[2] * batch, op.f[3] + op.f[4],
-                       op.bc + op.b[0] * batch + op.b[1] * batch + op.b[2] * batch, op.b[3] + op.b[4],
-                       op.dispatch) for op in self.mixed]
+            coeffs = self._run_coefficients(batch, saved) if saved else self._coefficients(batch)
         else:
             base, coeffs = None, []
+        sav = saved
+        cap = saved_until if sav and saved_until is not None else _NEVER
         t, x, used, k = t0, x0, 0, 0
         single = coeffs[0] if len(coeffs) == 1 else None
         while k < max_steps:
@@ -119,6 +123,11 @@ class StepTimer:
                 if used + need > avail:
                     break
                 used += need
+                if used > cap:  # Hydragen off from this step on (the fraction rule)
+                    sav, cap = 0.0, _NEVER
+                    if base is not None:
+                        coeffs = self._coefficients(batch)
+                        single = coeffs[0] if len(coeffs) == 1 else None
             if single is not None:
                 a1, a2, b1, b2, d = single
                 fa, fb = a1 + a2 * x, b1 + b2 * x
@@ -126,9 +135,22 @@ class StepTimer:
             elif base is not None:
                 t += base + sum(max(a1 + a2 * x, b1 + b2 * x) + d for a1, a2, b1, b2, d in coeffs)
             else:
-                t += self.pm.step_time_vector((batch, batch, batch, x, x))
+                t += self.pm.step_time_vector((batch, batch, batch, x, x - sav))
             x += batch
             k += 1
             if until is not None and t >= until:
                 break
         return k, t, used
+
+    def _coefficients(self, batch: int) -> list[tuple[float, float, float, float, float]]:
+        coeffs = self._coef_cache[batch]
+        if coeffs is None:
+            coeffs = self._coef_cache[batch] = self._run_coefficients(batch, 0.0)
+        return coeffs
+
+    def _run_coefficients(self, batch: int, sav: float) -> list[tuple[float, float, float, float, float]]:
+        """Each mixed operator of a decode step as max(a1 + a2 x, b1 + b2 x) + d, x the KV positions:
+        v = (batch, batch, batch, x, x - sav)."""
+        return [(op.f[0] * batch + op.f[1] * batch + op.f[2] * batch - op.f[4] * sav, op.f[3] + op.f[4],
+                 op.bc + op.b[0] * batch + op.b[1] * batch + op.b[2] * batch - op.b[4] * sav,
+                 op.b[3] + op.b[4], op.dispatch) for op in self.mixed]
