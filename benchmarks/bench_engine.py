@@ -8,7 +8,7 @@ Measures, for one dtype (default: bfloat16, ridgeline's default on this CPU):
     token x tok/s / the bandwidth measured here (a 1 GiB reduction).
 Each number is the median of --repeats runs; ratios are ridgeline / transformers.
 
-    .venv/bin/python benchmarks/bench_engine.py [--dtype bfloat16|float32] [--quantization int4] [--repeats 3]
+    .venv/bin/python benchmarks/bench_engine.py [--dtype bfloat16|float32] [--quantization none|int4] [--repeats 3]
         [--json out.json]
 """
 
@@ -50,7 +50,8 @@ def weight_bytes_per_token(llm: LLM) -> int:
     h, i = mc.hidden_size, mc.intermediate_size
     linear = h * (mc.q_size + 2 * mc.kv_size) + mc.q_size * h + 3 * h * i
     # int4: 4-bit values plus a bf16 scale and zero per 32 weights = 0.625 bytes per weight
-    linear_bytes = linear * (0.625 if llm.engine.config.quantization == "int4" else elem)
+    int4 = type(llm.engine.model.layers[0].qkv).__name__ == "Int4Linear"
+    linear_bytes = linear * (0.625 if int4 else elem)
     return int(mc.num_layers * (linear_bytes + 2 * h * elem) + elem * (h + mc.vocab_size * h))
 
 
@@ -113,7 +114,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quantization", default=None, choices=["int4"], help="ridgeline's weights (bf16 only)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int4"],
+                    help="ridgeline's weights (int4: bf16 only)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -146,7 +148,7 @@ def main() -> None:
         "decode_roofline_fraction": {"ridgeline": ours["decode_tok_s"] / roof,
                                      "transformers": theirs["decode_tok_s"] / roof},
     }
-    print(f"dtype {args.dtype}, weights {args.quantization or args.dtype}, {result['threads']} threads, "
+    print(f"dtype {args.dtype}, quantization {args.quantization}, {result['threads']} threads, "
           f"median of {args.repeats}")
     print(f"{'metric':<34}{'ridgeline':>12}{'transformers':>14}{'ratio':>8}")
     names = {"prefill_tok_s": f"prefill tok/s ({PREFILL_LEN}-token prompt)",

@@ -15,6 +15,7 @@ import time
 
 from ridgeline.bench.datasets import prefix_repetition_dataset
 from ridgeline.engine import EngineConfig, LLMEngine
+from ridgeline.hydragen import find_shared_prefixes
 from ridgeline.perf import PerfModel, SeqWork, StepShape, load_spec
 from ridgeline.sampling_params import SamplingParams
 
@@ -41,10 +42,21 @@ def main() -> None:
     shapes: list[StepShape] = []
     schedule = engine.scheduler.schedule
 
+    bs = engine.cache_config.block_size
+
     def recording_schedule():
+        """The step's shape, decode rows first as the engine lays them out, with the shared
+        prefixes Hydragen will attend once (the engine's own rule on the real block tables)."""
         batch = schedule()
+        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: r[1] != 1)
+        decodes = [s for s, n in rows if n == 1]
+        shared = []
+        if engine.hydragen is not None and len(decodes) >= 2:
+            parts, _ = find_shared_prefixes([s.block_table for s in decodes],
+                                            [s.num_computed_tokens // bs for s in decodes], bs, engine.hydragen)
+            shared = [(tuple(p.rows), len(p.blocks) * bs) for p in parts]
         shapes.append(StepShape([SeqWork(n, s.num_computed_tokens, s.num_computed_tokens + n == s.num_tokens)
-                                 for s, n in zip(batch.seqs, batch.num_new_tokens)]))
+                                 for s, n in rows], shared_prefixes=shared))
         return batch
 
     engine.scheduler.schedule = recording_schedule

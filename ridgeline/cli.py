@@ -59,8 +59,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's context length)")
     g.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 512MiB, 2GiB (default: 2GiB)")
-    g.add_argument("--quantization", default=None, choices=["int4"],
-                   help="int4: keep a GGUF's Q4_0/Q4_1 linear weights 4-bit (bfloat16 on CPU; faster decode)")
+    g.add_argument("--quantization", default="none", choices=["none", "int4"],
+                   help="int4: decode with a GGUF's Q4_0/Q4_1 weights kept 4-bit (bfloat16 on CPU; faster decode, "
+                        "more memory: wide steps use a bf16 copy); none (default): dequantize")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_hydragen: bool = True  # shared-prefix decode attention (exact; see hydragen.py)
     hydragen_min_saved_tokens: int = 512  # use a shared prefix of P tokens among g rows if (g-1)*P >= this
-    quantization: str | None = None  # "int4": GGUF Q4_0/Q4_1 linear weights stay 4-bit (bfloat16, CPU)
+    # "int4": a GGUF's Q4_0/Q4_1 linear weights also stay 4-bit, for decode steps of <= 4 tokens
+    # (bfloat16 on CPU; wider steps use a bf16 copy, so it costs memory). "none": dequantize.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -86,8 +88,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.hydragen_min_saved_tokens < 1:
             raise ValueError(f"hydragen_min_saved_tokens must be >= 1, got {self.hydragen_min_saved_tokens}")
-        if self.quantization not in (None, "none", "int4"):
-            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
+        if self.quantization not in ("none", "int4"):
+            raise ValueError(f"quantization must be 'none' or 'int4', got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -69,9 +69,8 @@ def make_linear(parts: list[torch.Tensor | Int4Weight], bias: torch.Tensor | Non
     else runs dequantized in the bias's dtype (the model's)."""
     if all(isinstance(p, Int4Weight) for p in parts):
         w4 = Int4Weight.cat(parts)
-        if not int4_supported(w4):
-            return Linear(w4.dequantize().to(torch.bfloat16), bias)
-        return Int4Linear(w4, bias)
+        dense = Linear(w4.dequantize().to(torch.bfloat16), bias)
+        return Int4Linear(w4, bias, dense) if int4_supported(w4) else dense
     return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
 
 

@@ -43,14 +43,14 @@ def test_int4_engine_matches_bf16_engine():
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
     prompts = ["The capital of France is", "def fibonacci(n):", "Mountains are"]
     runs = {}
-    for q in (None, "int4"):
+    for q in ("none", "int4"):
         llm = LLM(dtype="bfloat16", quantization=q, kv_cache_memory="256MiB")
         runs[q] = llm.generate(prompts, params, use_tqdm=False)
         kinds = {type(layer.qkv).__name__ for layer in llm.engine.model.layers}
-        assert kinds == ({"Int4Linear"} if q else {"Linear"})
+        assert kinds == ({"Int4Linear"} if q == "int4" else {"Linear"})
         del llm
     diffs = []
-    for ref, out in zip(runs[None], runs["int4"]):
+    for ref, out in zip(runs["none"], runs["int4"]):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for a, b, tok in zip(ref.outputs[0].logprobs, out.outputs[0].logprobs, ref.outputs[0].token_ids):
             diffs.append(abs(a[tok].logprob - b[tok].logprob))
@@ -61,5 +61,5 @@ def test_int4_engine_matches_bf16_engine():
 def test_int4_needs_bfloat16_on_cpu():
     with pytest.raises(ValueError, match="quantization='int4' runs in bfloat16 on CPU"):
         LLM(dtype="float32", quantization="int4")
-    with pytest.raises(ValueError, match="quantization must be None or 'int4'"):
+    with pytest.raises(ValueError, match="quantization must be 'none' or 'int4'"):
         LLM(quantization="int3")

@@ -470,10 +470,11 @@ def test_hydragen_index_matches_find_shared_prefixes_on_random_tries():
 
 
 def _decode_steps(pm, starts: list[int], saved: int = 0) -> float:
-    """One decode step by hand: rows at these contexts, `saved` KV positions not read."""
+    """One decode step by hand: rows at these contexts, `saved` KV positions not re-read (of which
+    the device saves its shared_prefix_efficiency)."""
     kv = sum(c + 1 for c in starts)
     n = len(starts)
-    return pm.step_time_vector((n, n, n, float(kv), float(kv - saved)))
+    return pm.step_time_vector((n, n, n, float(kv), float(kv - saved * pm.hw.shared_prefix_efficiency)))
 
 
 def _hydragen_workload(prefix: int, rows: list[tuple[int, int, bool]], max_tokens: int = 8192):

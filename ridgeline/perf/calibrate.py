@@ -27,15 +27,22 @@ from .predictor import PerfModel
 
 # The fitted terms, in log space during the fit (all must stay positive).
 FIT_TERMS = ("compute_efficiency", "memory_efficiency", "attention_compute_efficiency",
-             "attention_memory_efficiency", "op_overhead_s", "step_overhead_s", "seq_overhead_s")
+             "attention_memory_efficiency", "op_overhead_s", "step_overhead_s", "seq_overhead_s",
+             "shared_prefix_efficiency")
+
+
+def _shared_decode(batch: int, context: int, prefix: int) -> StepShape:
+    """`batch` decodes at `context` whose first `prefix` tokens are the same cached blocks
+    (chosen so that the engine's Hydragen rule engages)."""
+    return StepShape([SeqWork(1, context)] * batch, shared_prefixes=[(tuple(range(batch)), prefix)])
 
 # Ten shapes chosen to pin one term each or two at once: host overhead (tiny decode), weight
 # streaming (batch-1 decode), KV streaming (long-context decode), GEMM rate (long prefills),
-# attention compute (a chunk late in a long prompt), per-sequence cost (wide decode), mixes.
+# attention compute (a chunk late in a long prompt), per-sequence cost (wide decode), mixes,
+# and what a shared prefix saves (wide decode over one cached prefix).
 CALIBRATION_SHAPES: list[tuple[str, StepShape]] = [
     ("decode b1 c16", StepShape.decode(1, 16)),
     ("decode b1 c2048", StepShape.decode(1, 2048)),
-    ("decode b8 c512", StepShape.decode(8, 512)),
     ("decode b64 c128", StepShape.decode(64, 128)),
     ("decode b16 c2048", StepShape.decode(16, 2048)),
     ("prefill 64@0", StepShape.prefill(64)),
@@ -43,6 +50,7 @@ CALIBRATION_SHAPES: list[tuple[str, StepShape]] = [
     ("prefill 256@2048", StepShape.prefill(256, 2048)),
     ("mixed 16 decodes c256 + prefill 256@0", StepShape([SeqWork(1, 256)] * 16 + [SeqWork(256, 0)])),
     ("prefill 1024@1024", StepShape.prefill(1024, 1024)),
+    ("decode b32 c512 sharing 448", _shared_decode(32, 512, 448)),
 ]
 
 
@@ -60,6 +68,8 @@ def holdout_grid(limit_kv_tokens: int = 131072) -> list[tuple[str, StepShape]]:
     for b, c, n in ((4, 1024, 128), (32, 256, 512), (8, 3000, 64), (48, 64, 1024)):
         shapes.append((f"mixed {b} decodes c{c} + prefill {n}@0",
                        StepShape([SeqWork(1, c)] * b + [SeqWork(n, 0)])))
+    for b, c, p in ((8, 2048, 1792), (16, 1024, 768), (64, 384, 256)):
+        shapes.append((f"decode b{b} c{c} sharing {p}", _shared_decode(b, c, p)))
     return shapes
 
 
@@ -83,7 +93,7 @@ class EngineStepTimer:
         block = 16
         self.engine = LLMEngine(EngineConfig(
             model=model, dtype=dtype, device=device, num_kv_blocks=-(-kv_tokens // block), block_size=block,
-            max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=False, enable_hydragen=False))
+            max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=False))
         self.repeats = repeats
         self.rng = random.Random(seed)
 
@@ -91,8 +101,10 @@ class EngineStepTimer:
     def dtype(self) -> str:
         return str(self.engine.dtype).removeprefix("torch.")
 
-    def _place(self, work: SeqWork) -> None:
-        """Queue a request whose first `context_len` tokens count as computed, and make it running."""
+    def _place(self, work: SeqWork, shared: list[int] | None = None) -> list[int]:
+        """Queue a request whose first `context_len` tokens count as computed, and make it running;
+        its block table starts with the `shared` blocks (held by another sequence too). Returns
+        its block table."""
         eng = self.engine
         vocab = eng.model_config.vocab_size
         ids = [self.rng.randrange(3, vocab) for _ in range(work.context_len + work.new_tokens)]
@@ -100,10 +112,14 @@ class EngineStepTimer:
         seq = eng.requests[rid].seqs[0]
         sched = eng.scheduler
         sched.waiting.remove(seq)
+        for block in shared or []:
+            eng.block_manager.allocator.share(block)
+            seq.block_table.append(block)
         eng.block_manager.allocate(seq.block_table, work.context_len)
         seq.num_computed_tokens = work.context_len
         seq.status = SeqStatus.RUNNING
         sched.running.append(seq)
+        return seq.block_table
 
     def _clear(self) -> None:
         for rid in list(self.engine.requests):
@@ -111,10 +127,15 @@ class EngineStepTimer:
 
     def run_step(self, shape: StepShape) -> float:
         """Wall seconds of one engine.step() on the shape."""
-        for w in shape.seqs:
+        bs = self.engine.cache_config.block_size
+        share_of = {r: length // bs for rows, length in shape.shared_prefixes for r in rows[1:]}
+        lead = {rows[0]: rows for rows, _ in shape.shared_prefixes}
+        tables: dict[int, list[int]] = {}
+        for i, w in enumerate(shape.seqs):
             if not w.sampled:
                 raise ValueError("calibration shapes must end their prompts in the step (sampled=True)")
-            self._place(w)
+            first = next((rows[0] for rows in lead.values() if i in rows[1:]), None)
+            tables[i] = self._place(w, tables[first][:share_of[i]] if first is not None else None)
         sync()
         t = time.perf_counter()
         self.engine.step()
@@ -150,38 +171,52 @@ def fit(spec: HardwareSpec, perf_args: dict, samples: list[Sample], restarts: in
         iterations: int = 1500) -> HardwareSpec:
     """Least squares on log(predicted / measured) over the FIT_TERMS, parameterised by their
     logs (so they stay positive), with Adam from a few starting points: the roofline's max()
-    is piecewise smooth, and seven terms against ten samples is a tiny problem."""
+    is piecewise smooth, and eight terms against ten samples is a tiny problem. Without a
+    shared-prefix sample, shared_prefix_efficiency keeps the spec's value."""
     model = PerfModel(perf_args["model"], spec, **perf_args["options"])
-    vectors = [model.stats(s.shape).vector() for s in samples]
-    flops = torch.tensor([[op.flops_for(v) for op in model.ops] for v in vectors], dtype=torch.float64)
-    nbytes = torch.tensor([[op.bytes_for(v) for op in model.ops] for v in vectors], dtype=torch.float64)
+    window = model.model.sliding_window
+
+    def per_op(saving: float, per: str) -> torch.Tensor:
+        vs = [s.shape.stats(window, saving).vector() for s in samples]
+        return torch.tensor([[getattr(op, per)(v) for op in model.ops] for v in vs], dtype=torch.float64)
+
+    flops = per_op(0.0, "flops_for")  # sharing changes K/V reads, not FLOPs
+    bytes_unshared = per_op(0.0, "bytes_for")
+    bytes_saved = bytes_unshared - per_op(1.0, "bytes_for")  # bytes = unshared - efficiency x saved
     attn = torch.tensor([op.kind == "attention" for op in model.ops])
     num_ops = float(sum(op.count for op in model.ops))
-    seqs = torch.tensor([v[1] for v in vectors], dtype=torch.float64)
+    seqs = torch.tensor([len(s.shape.seqs) for s in samples], dtype=torch.float64)
     measured = torch.tensor([s.measured_s for s in samples], dtype=torch.float64)
     peak, bw = spec.peak(model.dtype), spec.memory_bandwidth
+    has_shared = bool(bytes_saved.abs().sum() > 0)
 
     def predicted(theta: torch.Tensor) -> torch.Tensor:
-        ce, me, ace, ame, op_oh, step_oh, seq_oh = theta.exp().unbind()
+        ce, me, ace, ame, op_oh, step_oh, seq_oh, share = theta.exp().unbind()
         compute = flops / (peak * ce * torch.where(attn, ace, 1.0))
-        memory = nbytes / (bw * me * torch.where(attn, ame, 1.0))
+        memory = (bytes_unshared - share * bytes_saved) / (bw * me * torch.where(attn, ame, 1.0))
         return torch.maximum(compute, memory).sum(1) + num_ops * op_oh + step_oh + seq_oh * seqs
 
     cap = math.log(1.5)
-    starts = [[0.5, 0.5, 0.5, 0.5, 5e-6, 1e-3, 2e-5], [0.8, 0.8, 0.3, 0.3, 1e-5, 1e-4, 1e-6],
-              [0.3, 0.3, 0.1, 0.1, 2e-6, 5e-3, 1e-4], [1.0, 1.0, 1.0, 1.0, 2e-5, 1e-3, 1e-5]][:restarts]
+    share0 = spec.shared_prefix_efficiency
+    starts = [[0.5, 0.5, 0.5, 0.5, 5e-6, 1e-3, 2e-5, 0.5], [0.8, 0.8, 0.3, 0.3, 1e-5, 1e-4, 1e-6, 0.9],
+              [0.3, 0.3, 0.1, 0.1, 2e-6, 5e-3, 1e-4, 0.2], [1.0, 1.0, 1.0, 1.0, 2e-5, 1e-3, 1e-5, 0.7]][:restarts]
     best, best_loss = None, math.inf
     for start in starts:
+        if not has_shared:
+            start = start[:7] + [share0]
         theta = torch.tensor(start, dtype=torch.float64).log().requires_grad_()
         opt = torch.optim.Adam([theta], lr=0.05)
         for _ in range(iterations):
             opt.zero_grad()
             loss = ((predicted(theta) / measured).log() ** 2).sum()
             loss.backward()
+            if not has_shared:
+                theta.grad[7] = 0.0
             opt.step()
             with torch.no_grad():
                 theta[:4].clamp_(max=cap)
-                theta[4:].clamp_(min=math.log(1e-9))
+                theta[4:7].clamp_(min=math.log(1e-9))
+                theta[7].clamp_(max=0.0, min=math.log(1e-3))
         with torch.no_grad():
             final = float(((predicted(theta) / measured).log() ** 2).sum())
         if final < best_loss:

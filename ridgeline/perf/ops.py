@@ -45,7 +45,9 @@ class StepShape:
     def prefill(cls, chunk: int, start: int = 0, sampled: bool = True) -> "StepShape":
         return cls([SeqWork(chunk, start, sampled)])
 
-    def stats(self, sliding_window: int | None = None) -> "StepStats":
+    def stats(self, sliding_window: int | None = None, shared_read_saving: float = 1.0) -> "StepStats":
+        """The step's aggregates; shared_read_saving: the fraction of a shared prefix's repeated
+        K/V reads that sharing removes (1 = all of them)."""
         tokens = logits = 0
         pairs = kv_read = 0.0
         for s in self.seqs:
@@ -61,7 +63,7 @@ class StepShape:
                 kv_read += min(c + n, w + n - 1)
         for rows, length in self.shared_prefixes:
             # The group reads the prefix once instead of once per row.
-            kv_read -= (len(rows) - 1) * length
+            kv_read -= shared_read_saving * (len(rows) - 1) * length
         return StepStats(tokens, len(self.seqs), logits, pairs, max(kv_read, 0.0))
 
 

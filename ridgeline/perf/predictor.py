@@ -80,7 +80,9 @@ class PerfModel:
     # ------------------------------------------------------------------ one step
 
     def stats(self, step: StepShape | StepStats) -> StepStats:
-        return step if isinstance(step, StepStats) else step.stats(self.model.sliding_window)
+        if isinstance(step, StepStats):
+            return step
+        return step.stats(self.model.sliding_window, self.hw.shared_prefix_efficiency)
 
     def step_time(self, step: StepShape | StepStats) -> float:
         """Predicted seconds of one engine step (the simulator's hot path)."""

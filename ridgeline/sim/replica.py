@@ -159,6 +159,8 @@ class Replica:
         hy = limits.hydragen
         self.hydragen = HydragenIndex(self.bs, hy.min_saved_tokens) if hy is not None else None
         self.hy_fraction = hy.min_saved_fraction if hy is not None else 0.0
+        # the device saves this share of the reads a part avoids (HardwareSpec.shared_prefix_efficiency)
+        self.hy_read_saving = timer.pm.hw.shared_prefix_efficiency
 
     # ------------------------------------------------------------------ events
 
@@ -307,7 +309,7 @@ class Replica:
         rem = self.sum_res + self.n_decode * m - (bs * sum(b[bs - m:]) if m else 0)
         return (self.sum_off + self.n_decode * s - rem) // bs
 
-    def _hydragen_saving(self, s: int, B: int, sched: list[tuple[Seq, int]]) -> int:
+    def _hydragen_saving(self, s: int, B: int, sched: list[tuple[Seq, int]]) -> float:
         """KV positions a general step does not read thanks to shared-prefix attention, by the
         engine's rule (ridgeline.hydragen.find_shared_prefixes) over its decode rows: the decodes and
         any one-token prefill chunk (the engine puts every row with one new token in the decode
@@ -331,7 +333,7 @@ class Replica:
         full = self._full_blocks(s, saved, extra)
         if full is None or saved < self.hy_fraction * max(1, full + extra):
             return 0
-        return saved * self.bs
+        return saved * self.bs * self.hy_read_saving
 
     def _hydragen_run(self, s: int, need0: int) -> tuple[float, int]:
         """(KV positions saved per step, the most blocks the run may have used with the saving on).
@@ -357,13 +359,13 @@ class Replica:
         if not on(need0):
             return 0.0, 0
         if frac <= 0:
-            return float(saved * self.bs), 1 << 62
+            return saved * self.bs * self.hy_read_saving, 1 << 62
         u = max(need0, int(saved / frac) - base)
         while on(u + 1):
             u += 1
         while not on(u):
             u -= 1
-        return float(saved * self.bs), u
+        return saved * self.bs * self.hy_read_saving, u
 
     # ------------------------------------------------------------------ admission
 
