@@ -93,6 +93,17 @@ def test_step_time_is_the_roofline_sum():
     pm2 = PerfModel(TOY, slow, dtype="float32")
     n_ops = sum(op.count for op in pm2.ops)
     assert pm2.step_time(step) == pytest.approx(expected + n_ops * 1e-6 + 1e-3 + 1e-5)
+    # two shared-prefix parts: their reads saved (all of them at efficiency 1) plus 20 operators
+    # per layer each
+    shared = StepShape([SeqWork(1, 40)] * 4, shared_prefixes=[((0, 1), 32), ((2, 3), 16)])
+    full = StepShape([SeqWork(1, 40)] * 4)
+    assert shared.stats().kv_read == full.stats().kv_read - 32 - 16 and shared.stats().shared_parts == 2
+    v_shared = shared.stats().vector()
+    roofline = sum(max(op.flops_for(v_shared) / 1e12, op.bytes_for(v_shared) / 1e11) for op in pm2.ops)
+    one = HardwareSpec(**{**slow.to_dict(), "shared_prefix_efficiency": 1.0})
+    pm3 = PerfModel(TOY, one, dtype="float32")
+    assert pm3.step_time(shared) == pytest.approx(
+        roofline + n_ops * 1e-6 + 1e-3 + 4 * 1e-5 + 2 * 20 * TOY.num_layers * 1e-6)
 
 
 def test_memory_fit_matches_the_engines_pool():

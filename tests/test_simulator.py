@@ -66,14 +66,19 @@ def test_step_timer_matches_perf_model(pm):
     # Hydragen: `saved` fewer KV positions read (same pairs) while the blocks used stay <= saved_until.
     counts = [0] * 16
     counts[-2 % 16] = 7  # step 2 allocates a block for each row
+    # And pay their parts' dispatch cost while the saving is on.
     k, end, used = timer.decode_run(7, 7 * 101.0, 5, 0.0, avail=100, block_counts=counts, step0=0, saved=600.0,
-                                    saved_until=6)
+                                    saved_until=6, parts=3)
     assert (k, used) == (5, 7)
-    expect = [pm.step_time_vector((7, 7, 7, 7 * 101.0 + 7 * j, 7 * 101.0 + 7 * j - (600 if j < 2 else 0)))
-              for j in range(5)]
+    expect = [pm.step_time_vector((7, 7, 7, 7 * 101.0 + 7 * j, 7 * 101.0 + 7 * j - (600 if j < 2 else 0)),
+                                  3 if j < 2 else 0) for j in range(5)]
+    assert pm.shared_part_overhead_s > 0
     assert end == pytest.approx(sum(expect), rel=1e-12)
     assert slow.decode_run(7, 7 * 101.0, 5, 0.0, avail=100, block_counts=counts, saved=600.0,
-                           saved_until=6)[1] == pytest.approx(sum(expect), rel=1e-12)
+                           saved_until=6, parts=3)[1] == pytest.approx(sum(expect), rel=1e-12)
+    for v, parts in [((8, 8, 8, 1e4, 5e3), 2), ((300, 256, 256, 5e5, 2e5), 5)]:
+        assert timer.time(*v, parts) == pytest.approx(pm.step_time_vector(v, parts), rel=1e-12)
+        assert slow.time(*v, parts) == pytest.approx(pm.step_time_vector(v, parts), rel=1e-12)
 
 
 def test_single_request_ttft_and_tpot_from_the_perf_model(pm):
@@ -434,6 +439,7 @@ def test_hydragen_index_matches_find_shared_prefixes_on_random_tries():
 
     rng = random.Random(0)
     ids = itertools.count()
+    nested = 0  # most parts in one step
     for trial in range(60):
         bs, need = 16, rng.choice([16, 64, 128, 512])
         roots = []  # (node, children)
@@ -467,14 +473,18 @@ def test_hydragen_index_matches_find_shared_prefixes_on_random_tries():
                                             HydragenConfig(need, 0.0))
             expect = sum((len(p.rows) - 1) * len(p.blocks) for p in parts)
             assert index.saved_blocks() == expect, (trial, live)
+            assert index.parts() == len(parts), (trial, live)
+            nested = max(nested, len(parts))
+    assert nested >= 4  # nested levels counted as parts of their own
 
 
-def _decode_steps(pm, starts: list[int], saved: int = 0) -> float:
+def _decode_steps(pm, starts: list[int], saved: int = 0, parts: int = 0) -> float:
     """One decode step by hand: rows at these contexts, `saved` KV positions not re-read (of which
-    the device saves its shared_prefix_efficiency)."""
+    the device saves its shared_prefix_efficiency), `parts` shared-prefix parts' dispatch cost."""
     kv = sum(c + 1 for c in starts)
     n = len(starts)
-    return pm.step_time_vector((n, n, n, float(kv), float(kv - saved * pm.hw.shared_prefix_efficiency)))
+    return (pm.step_time_vector((n, n, n, float(kv), float(kv - saved * pm.hw.shared_prefix_efficiency)))
+            + parts * pm.shared_part_overhead_s)
 
 
 def _hydragen_workload(prefix: int, rows: list[tuple[int, int, bool]], max_tokens: int = 8192):
@@ -500,9 +510,9 @@ def test_hydragen_engages_for_many_rows_sharing_a_long_prefix(pm):
     prompts, outputs, arrivals, chains = _hydragen_workload(1025, [(1056, 10, True)] * 8)
     r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=2048)
     assert r.hit_tokens[1:] == [1024] * 8 and hy[0] == 9
-    on = sum(_decode_steps(pm, [1056 + j] * 8, saved=7 * 1024) for j in range(9))
+    on = sum(_decode_steps(pm, [1056 + j] * 8, saved=7 * 1024, parts=1) for j in range(9))
     off = sum(_decode_steps(pm, [1056 + j] * 8) for j in range(9))
-    assert on < off
+    assert on - 9 * pm.shared_part_overhead_s < off  # fewer reads, plus the part's dispatch cost per step
     for i in range(1, 9):
         assert r.finish[i] - r.first_token[i] == pytest.approx(on, rel=1e-9)
     wl = synthetic_workload([len(p) for p in prompts], outputs, arrivals, chains)
@@ -525,7 +535,7 @@ def test_hydragen_fraction_rule_keeps_it_off_then_on(pm):
     r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=8192)
     assert hy[0] == 25  # decode steps 4..28, three rows each
     wide = [_decode_steps(pm, [514 + j] * 3 + [1000 + j] * 5) for j in range(4)]  # nothing saved
-    narrow = [_decode_steps(pm, [514 + j] * 3, saved=2 * 512) for j in range(4, 29)]
+    narrow = [_decode_steps(pm, [514 + j] * 3, saved=2 * 512, parts=1) for j in range(4, 29)]
     for i in (1, 2, 3):
         assert r.finish[i] - r.first_token[i] == pytest.approx(sum(wide) + sum(narrow), rel=1e-9)
     for i in range(4, 9):
@@ -534,7 +544,9 @@ def test_hydragen_fraction_rule_keeps_it_off_then_on(pm):
     plain = simulate(cfg(enable_hydragen=False, kv_cache_memory=2000 * pm.kv_bytes_per_block,
                          max_num_batched_tokens=8192), wl, pm)
     assert plain.finish[4:] == r.finish[4:]  # identical while the fraction rule keeps it off
-    assert r.finish[1] < plain.finish[1]
+    narrow_off = [_decode_steps(pm, [514 + j] * 3) for j in range(4, 29)]
+    assert r.finish[1] - plain.finish[1] == pytest.approx(sum(narrow) - sum(narrow_off), rel=1e-9)
+    assert sum(narrow) - 25 * pm.shared_part_overhead_s < sum(narrow_off)
 
 
 def test_hydragen_fraction_rule_within_a_decode_run(pm):
@@ -544,7 +556,8 @@ def test_hydragen_fraction_rule_within_a_decode_run(pm):
     prompts, outputs, arrivals, chains = _hydragen_workload(513, [(514, 20, True)] * 2)
     r, hy = _compare(pm, prompts, outputs, arrivals, chains, num_blocks=2000, max_num_seqs=16, max_tokens=2048)
     assert hy[0] == 14
-    expect = sum(_decode_steps(pm, [514 + j] * 2, saved=512 if j < 14 else 0) for j in range(19))
+    expect = sum(_decode_steps(pm, [514 + j] * 2, saved=512 if j < 14 else 0, parts=1 if j < 14 else 0)
+                 for j in range(19))
     assert r.finish[1] - r.first_token[1] == pytest.approx(expect, rel=1e-9)
     assert r.replica_stats[0].steps == 1 + 1 + 19  # request 0, the two prompts, the decodes
 

@@ -23,7 +23,7 @@ from ..sampling_params import SamplingParams
 from ..sequence import SeqStatus
 from .hardware import HardwareSpec
 from .ops import SeqWork, StepShape
-from .predictor import PerfModel
+from .predictor import SHARED_PART_OPS, PerfModel
 
 # The fitted terms, in log space during the fit (all must stay positive).
 FIT_TERMS = ("compute_efficiency", "memory_efficiency", "attention_compute_efficiency",
@@ -184,7 +184,10 @@ def fit(spec: HardwareSpec, perf_args: dict, samples: list[Sample], restarts: in
     bytes_unshared = per_op(0.0, "bytes_for")
     bytes_saved = bytes_unshared - per_op(1.0, "bytes_for")  # bytes = unshared - efficiency x saved
     attn = torch.tensor([op.kind == "attention" for op in model.ops])
-    num_ops = float(sum(op.count for op in model.ops))
+    # operators per step: the table's, plus each shared-prefix part's in every layer
+    num_ops = torch.tensor([sum(op.count for op in model.ops)
+                            + len(s.shape.shared_prefixes) * SHARED_PART_OPS * model.model.num_layers
+                            for s in samples], dtype=torch.float64)
     seqs = torch.tensor([len(s.shape.seqs) for s in samples], dtype=torch.float64)
     measured = torch.tensor([s.measured_s for s in samples], dtype=torch.float64)
     peak, bw = spec.peak(model.dtype), spec.memory_bandwidth

@@ -146,14 +146,14 @@ REGISTRY: dict[str, HardwareSpec] = {s.name: s for s in (
          "Apple M2 Ultra (76-core GPU): 800 GB/s unified memory, up to 192 GB (Apple newsroom, June 2023); "
          "FP32 27.2 TFLOPS = 76 cores x 128 lanes x 2 x 1.4 GHz; Metal runs FP16/BF16 at the FP32 rate"),
     HardwareSpec(
-        name="epyc-2c", peak_flops={"float32": 190.4e9, "bfloat16": 759.6e9},
-        memory_bandwidth=78.5 * GB, memory_capacity=24 * GiB,
-        compute_efficiency=0.669, memory_efficiency=0.615,
-        attention_compute_efficiency=0.259, attention_memory_efficiency=0.0921,
-        shared_prefix_efficiency=0.713, op_overhead_s=1.86e-05,
-        step_overhead_s=0.000186, seq_overhead_s=3.47e-05,
+        name="epyc-2c", peak_flops={"float32": 191.3e9, "bfloat16": 743.6e9},
+        memory_bandwidth=46.0 * GB, memory_capacity=24 * GiB,
+        compute_efficiency=0.670, memory_efficiency=0.671,
+        attention_compute_efficiency=0.272, attention_memory_efficiency=0.1479,
+        shared_prefix_efficiency=0.756, op_overhead_s=8.21e-06,
+        step_overhead_s=0.00203, seq_overhead_s=0.000164,
         calibrated={"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "bfloat16", "samples": 10,
-                    "holdout_mape": 10.73, "holdout_shapes": 45, "date": "2026-11-23"},
+                    "holdout_mape": 11.46, "holdout_shapes": 45, "date": "2026-11-23"},
         source="ridgeline's CI VM (2 AMD EPYC cores, AVX-512 BF16): peaks from `ridgeline perf probe`, "
                "efficiencies and overheads from `ridgeline perf calibrate` (ridgeline's engine), 2026-11-23"),
 )}

@@ -64,7 +64,7 @@ class StepShape:
         for rows, length in self.shared_prefixes:
             # The group reads the prefix once instead of once per row.
             kv_read -= shared_read_saving * (len(rows) - 1) * length
-        return StepStats(tokens, len(self.seqs), logits, pairs, max(kv_read, 0.0))
+        return StepStats(tokens, len(self.seqs), logits, pairs, max(kv_read, 0.0), len(self.shared_prefixes))
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class StepStats:
     logits: int
     attn_pairs: float
     kv_read: float
+    shared_parts: int = 0  # shared-prefix attention parts (each a few extra operators per layer)
 
     def vector(self) -> tuple[float, ...]:
         return (self.tokens, self.seqs, self.logits, self.attn_pairs, self.kv_read)

@@ -12,6 +12,12 @@ from .hardware import DTYPE_BYTES, HardwareSpec
 from .ops import OpCost, SeqWork, StepShape, StepStats, kv_bytes_per_token, operator_table, weight_bytes
 
 
+# Operators one shared-prefix attention part adds per layer (hydragen.hydragen_decode: two
+# gathers and upcasts, the query regrouping, QK^T, scale, logsumexp, exp, PV, the reshapes back,
+# and the log-sum-exp merge with the rows' own part).
+SHARED_PART_OPS = 20
+
+
 @dataclass
 class OpTime:
     name: str
@@ -86,19 +92,27 @@ class PerfModel:
 
     def step_time(self, step: StepShape | StepStats) -> float:
         """Predicted seconds of one engine step (the simulator's hot path)."""
-        v = self.stats(step).vector()
-        return self.step_time_vector(v)
+        stats = self.stats(step)
+        return self.step_time_vector(stats.vector(), stats.shared_parts)
 
-    def step_time_vector(self, v: tuple[float, ...]) -> float:
-        total = self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1]
+    @property
+    def shared_part_overhead_s(self) -> float:
+        """Dispatch cost of one shared-prefix (Hydragen) attention part: its gathers, grouped
+        products and log-sum-exp merge are SHARED_PART_OPS extra operators in every layer."""
+        return SHARED_PART_OPS * self.model.num_layers * self.hw.op_overhead_s
+
+    def step_time_vector(self, v: tuple[float, ...], shared_parts: int = 0) -> float:
+        total = self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1] + shared_parts * self.shared_part_overhead_s
         for op, sf, sb, dispatch in self._rates:
             total += max(op.flops_for(v) * sf, op.bytes_for(v) * sb) + dispatch
         return total
 
     def predict(self, step: StepShape | StepStats) -> StepPrediction:
         """Step time with the per-operator breakdown and the bound of each operator."""
-        v = self.stats(step).vector()
-        host = self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1]
+        stats = self.stats(step)
+        v = stats.vector()
+        host = (self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1]
+                + stats.shared_parts * self.shared_part_overhead_s)
         ops = []
         for op, sf, sb, dispatch in self._rates:
             f, b = op.flops_for(v), op.bytes_for(v)

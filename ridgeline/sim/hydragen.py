@@ -13,7 +13,9 @@ a trie of those nodes with, per node, the number of decode rows holding it and w
 that stop inside it stop; a row's own blocks (private ones, or its preemption node) are never
 shared. Runs break where the member set changes: a row stops, or the members go to different
 next nodes. Each trie node caches its value for a group starting at its first block and the sum
-of its children's, so a row joining or leaving recomputes only its own path.
+of its children's, so a row joining or leaving recomputes only its own path; the number of parts
+(the engine's len(parts), each level of a nested prefix its own) is kept beside each sum the same
+way, for the perf model's per-part dispatch cost.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def row_signature(q: "Seq") -> Sig | None:
 
 
 class _TNode:
-    __slots__ = ("start", "end", "h", "ends", "at_end", "children", "fresh", "dirty", "counted", "kids_sum",
-                 "dirty_kids")
+    __slots__ = ("start", "end", "h", "ends", "at_end", "children", "fresh", "fresh_parts", "dirty", "counted",
+                 "counted_parts", "kids_sum", "kids_parts", "dirty_kids")
 
     def __init__(self, start: int, end: int):
         self.start = start
@@ -51,15 +53,19 @@ class _TNode:
         self.at_end = 0  # rows holding the whole node and nothing after it
         self.children: dict["Node", _TNode] = {}
         self.fresh = 0  # saved blocks of a group of all h rows starting at `start` (when not dirty)
+        self.fresh_parts = 0  # and its number of parts
         self.dirty = True
         self.counted = 0  # `fresh` as included in the parent's kids_sum (or the index's total)
+        self.counted_parts = 0  # `fresh_parts` as included in the parent's kids_parts
         self.kids_sum = 0  # sum of the children's `counted`
+        self.kids_parts = 0  # sum of the children's `counted_parts`
         self.dirty_kids: dict["Node", _TNode] = {}  # children changed since kids_sum was updated
 
 
 class HydragenIndex:
     """Shared-prefix structure of one replica's decode rows; `saved_blocks()` is the engine's
-    sum((len(rows) - 1) * len(blocks)) over its parts before the fraction rule."""
+    sum((len(rows) - 1) * len(blocks)) over its parts before the fraction rule, `parts()` their
+    number."""
 
     def __init__(self, block_size: int, min_saved_tokens: int):
         self.bs = block_size
@@ -88,6 +94,7 @@ class HydragenIndex:
             if t.h == 0:  # its subtree is empty too
                 del level[nd]
                 parent.kids_sum -= t.counted
+                parent.kids_parts -= t.counted_parts
                 parent.dirty_kids.pop(nd, None)
                 return
             t.dirty = True
@@ -109,41 +116,51 @@ class HydragenIndex:
             self._refresh_kids(top)
         return top.kids_sum if self.rows >= 2 else 0
 
+    def parts(self) -> int:
+        """The engine's len(parts) before the fraction rule (every nested level a part)."""
+        top = self._top
+        if top.dirty_kids:
+            self._refresh_kids(top)
+        return top.kids_parts if self.rows >= 2 else 0
+
     def _refresh_kids(self, t: _TNode) -> None:
         for c in t.dirty_kids.values():
-            v = self._fresh(c)
-            t.kids_sum += v - c.counted
-            c.counted = v
+            if c.dirty:
+                self._fresh(c)
+            t.kids_sum += c.fresh - c.counted
+            t.kids_parts += c.fresh_parts - c.counted_parts
+            c.counted, c.counted_parts = c.fresh, c.fresh_parts
         t.dirty_kids.clear()
 
-    def _fresh(self, t: _TNode) -> int:
-        if t.dirty:
-            if t.dirty_kids:
-                self._refresh_kids(t)
-            t.fresh = self._run(t, t.start, t.h) if t.h >= 2 else 0
-            t.dirty = False
-        return t.fresh
+    def _fresh(self, t: _TNode) -> None:
+        if t.dirty_kids:
+            self._refresh_kids(t)
+        t.fresh, t.fresh_parts = self._run(t, t.start, t.h) if t.h >= 2 else (0, 0)
+        t.dirty = False
 
-    def _run(self, t: _TNode, d: int, g: int) -> int:
-        """Saved blocks of the group of g rows entering t with its current run started at block d
-        (d < t.start: the run goes on from t's parent, every member continuing into t)."""
+    def _run(self, t: _TNode, d: int, g: int) -> tuple[int, int]:
+        """(saved blocks, parts) of the group of g rows entering t with its current run started at
+        block d (d < t.start: the run goes on from t's parent, every member continuing into t)."""
         if g < 2:
-            return 0
-        total = 0
+            return 0, 0
+        total = parts = 0
         bs, need = self.bs, self.min_saved
         if t.ends:
             for e in sorted(t.ends):
                 if g < 2 or (g - 1) * (e - d) * bs < need:
-                    return total
-                total += (g - 1) * (e - d)
+                    return total, parts
+                total += (g - 1) * (e - d)  # a part ending where rows stop
+                parts += 1
                 g -= t.ends[e]
                 d = e
         children = t.children
         if t.at_end == 0 and len(children) == 1:  # every member continues into one node: one run
             child = next(iter(children.values()))
-            return total + self._run(child, d, g)
+            s, p = self._run(child, d, g)
+            return total + s, parts + p
         if g < 2 or (g - 1) * (t.end - d) * bs < need:
-            return total
+            return total, parts
         if t.dirty_kids:
             self._refresh_kids(t)
-        return total + (g - 1) * (t.end - d) + t.kids_sum  # then a fresh group per next node
+        # the part up to t's end, then a fresh group per next node
+        return total + (g - 1) * (t.end - d) + t.kids_sum, parts + 1 + t.kids_parts

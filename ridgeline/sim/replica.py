@@ -156,6 +156,7 @@ class Replica:
         self._run_need0 = 0
         self._run_saved = 0.0  # Hydragen: KV positions the run's steps do not read
         self._run_saved_until = 0
+        self._run_parts = 0  # Hydragen: the run's shared-prefix parts while the saving is on
         hy = limits.hydragen
         self.hydragen = HydragenIndex(self.bs, hy.min_saved_tokens) if hy is not None else None
         self.hy_fraction = hy.min_saved_fraction if hy is not None else 0.0
@@ -257,9 +258,11 @@ class Replica:
                 if c + n == q.num_tokens:
                     logits += 1
             hy = self.hydragen
+            parts = 0
             if hy is not None and hy.rows + len(sched) >= 2:
-                kv -= self._hydragen_saving(s, B, sched)
-            dur = self.timer.time(tokens, B + len(sched), logits, pairs, kv)
+                saved, parts = self._hydragen_saving(s, B, sched)
+                kv -= saved
+            dur = self.timer.time(tokens, B + len(sched), logits, pairs, kv, parts)
             self._sched = sched
             self._run_k = 0
             self._t0, self._end = t, t + dur
@@ -274,21 +277,21 @@ class Replica:
         while fin and (fin[0][2] != fin[0][3].epoch or fin[0][3].state != DECODE):
             heapq.heappop(fin)
         max_steps = fin[0][0] - s + 1 if fin else 1
-        saved, until = 0.0, 0
+        saved, until, parts = 0.0, 0, 0
         if self.hydragen is not None and self.hydragen.rows >= 2:
-            saved, until = self._hydragen_run(s, need0)
+            saved, until, parts = self._hydragen_run(s, need0)
         k, end, used = self.timer.decode_run(B, x0, max_steps, t, None, self.pool.available + need0,
-                                             self.buckets, s, saved, until)
+                                             self.buckets, s, saved, until, parts)
         self._sched = []
         self._run_k, self._run_x0, self._run_used, self._run_need0 = k, x0, used, need0
-        self._run_saved, self._run_saved_until = saved, until
+        self._run_saved, self._run_saved_until, self._run_parts = saved, until, parts
         self._t0, self._end = t, end
         self.state = RUN
 
     def _cut(self, t: float) -> None:
         k, end, used = self.timer.decode_run(self.n_decode, self._run_x0, self._run_k, self._t0, t,
                                              self.pool.available + self._run_need0, self.buckets, self.steps,
-                                             self._run_saved, self._run_saved_until)
+                                             self._run_saved, self._run_saved_until, self._run_parts)
         if k < self._run_k:
             self._run_k, self._end, self._run_used = k, end, used
             self.version += 1
@@ -309,34 +312,36 @@ class Replica:
         rem = self.sum_res + self.n_decode * m - (bs * sum(b[bs - m:]) if m else 0)
         return (self.sum_off + self.n_decode * s - rem) // bs
 
-    def _hydragen_saving(self, s: int, B: int, sched: list[tuple[Seq, int]]) -> float:
-        """KV positions a general step does not read thanks to shared-prefix attention, by the
-        engine's rule (ridgeline.hydragen.find_shared_prefixes) over its decode rows: the decodes and
-        any one-token prefill chunk (the engine puts every row with one new token in the decode
-        group). Longer prefill chunks never use it."""
+    def _hydragen_saving(self, s: int, B: int, sched: list[tuple[Seq, int]]) -> tuple[float, int]:
+        """(KV positions a general step does not read thanks to shared-prefix attention, its parts),
+        by the engine's rule (ridgeline.hydragen.find_shared_prefixes) over its decode rows: the
+        decodes and any one-token prefill chunk (the engine puts every row with one new token in the
+        decode group). Longer prefill chunks never use it. (0, 0) when the fraction rule is unmet."""
         hy = self.hydragen
         ones = [q for q, n in sched if n == 1]
         if B + len(ones) < 2 or hy.rows + len(ones) < 2:
-            return 0
+            return 0.0, 0
         if ones:  # in the index for this step only
             sigs = [sig for sig in map(row_signature, ones) if sig is not None]
             for sig in sigs:
                 hy.add(sig)
-            saved = hy.saved_blocks()
+            saved, parts = hy.saved_blocks(), hy.parts()
             for sig in sigs:
                 hy.remove(sig)
         else:
             saved = hy.saved_blocks()
+            parts = hy.parts() if saved else 0
         if not saved:
-            return 0
+            return 0.0, 0
         extra = sum(q.computed // self.bs for q in ones)
         full = self._full_blocks(s, saved, extra)
         if full is None or saved < self.hy_fraction * max(1, full + extra):
-            return 0
-        return saved * self.bs * self.hy_read_saving
+            return 0.0, 0
+        return saved * self.bs * self.hy_read_saving, parts
 
-    def _hydragen_run(self, s: int, need0: int) -> tuple[float, int]:
-        """(KV positions saved per step, the most blocks the run may have used with the saving on).
+    def _hydragen_run(self, s: int, need0: int) -> tuple[float, int, int]:
+        """(KV positions saved per step, the most blocks the run may have used with the saving on,
+        the parts each step has while it is on).
 
         The decode rows, hence the parts and the saved blocks, do not change within a run of
         decode-only steps; only the fraction rule's denominator (the rows' full blocks) grows, by
@@ -346,10 +351,11 @@ class Replica:
         hy = self.hydragen
         saved = hy.saved_blocks()
         if not saved:
-            return 0.0, 0
+            return 0.0, 0, 0
         full = self._full_blocks(s, saved)
         if full is None:
-            return 0.0, 0
+            return 0.0, 0, 0
+        parts = hy.parts()
         base = full - need0
         frac = self.hy_fraction
 
@@ -357,15 +363,15 @@ class Replica:
             return not saved < frac * max(1, base + used)
 
         if not on(need0):
-            return 0.0, 0
+            return 0.0, 0, 0
         if frac <= 0:
-            return saved * self.bs * self.hy_read_saving, 1 << 62
+            return saved * self.bs * self.hy_read_saving, 1 << 62, parts
         u = max(need0, int(saved / frac) - base)
         while on(u + 1):
             u += 1
         while not on(u):
             u -= 1
-        return saved * self.bs * self.hy_read_saving, u
+        return saved * self.bs * self.hy_read_saving, u, parts
 
     # ------------------------------------------------------------------ admission
 

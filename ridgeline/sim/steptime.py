@@ -5,7 +5,8 @@ on one step aggregate only (GEMMs and element-wise ops on tokens, lm_head and sa
 logit rows, host work on sequences), so their summed time is tabulated per value once; only
 operators mixing aggregates (attention) are evaluated per step. The tables are checked
 against `step_time_vector` on construction, and the model falls back to it on any mismatch,
-so the simulator always times steps exactly as the perf model does.
+so the simulator always times steps exactly as the perf model does. Hydragen's shared-prefix
+parts add a constant dispatch cost each (PerfModel.shared_part_overhead_s), outside the tables.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class _MixedOp:
 
 
 class StepTimer:
-    """`time(tokens, seqs, logits, attn_pairs, kv_read)` equal to `pm.step_time_vector`."""
+    """`time(tokens, seqs, logits, attn_pairs, kv_read, parts)` equal to `pm.step_time_vector`."""
 
     def __init__(self, pm: PerfModel, max_tokens: int, max_seqs: int):
         self.pm = pm
+        self.part_s = pm.shared_part_overhead_s  # one shared-prefix part's dispatch cost per step
         self._size = max(max_tokens, max_seqs) + 1
         try:
             self._fast = self._build()
@@ -79,8 +81,9 @@ class StepTimer:
             t = rng.randint(1, self._size - 1)
             s = rng.randint(1, min(t, self._size - 1))
             v = (t, s, rng.randint(0, s), rng.uniform(0, 1e7), rng.uniform(0, 1e6))
-            ref = self.pm.step_time_vector(v)
-            if abs(self.time(*v) - ref) > 1e-9 * max(1.0, ref):
+            parts = rng.randint(0, 8)
+            ref = self.pm.step_time_vector(v, parts)
+            if abs(self.time(*v, parts) - ref) > 1e-9 * max(1.0, ref):
                 return False
         return True
 
@@ -88,10 +91,13 @@ class StepTimer:
     def fast(self) -> bool:
         return self._fast
 
-    def time(self, tokens: int, seqs: int, logits: int, pairs: float, kv_read: float) -> float:
+    def time(self, tokens: int, seqs: int, logits: int, pairs: float, kv_read: float, parts: int = 0) -> float:
+        """One step's seconds; parts: its Hydragen shared-prefix parts."""
         if not self._fast or tokens >= self._size or seqs >= self._size:
-            return self.pm.step_time_vector((tokens, seqs, logits, pairs, kv_read))
+            return self.pm.step_time_vector((tokens, seqs, logits, pairs, kv_read), parts)
         total = self.const + self.t_tokens[tokens] + self.t_seqs[seqs] + self.t_logits[logits]
+        if parts:
+            total += parts * self.part_s
         v = (tokens, seqs, logits, pairs, kv_read)
         for op in self.mixed:
             total += op.time(v)
@@ -99,22 +105,26 @@ class StepTimer:
 
     def decode_run(self, batch: int, x0: float, max_steps: int, t0: float, until: float | None = None,
                    avail: int | None = None, block_counts: list[int] | None = None, step0: int = 0,
-                   saved: float = 0.0, saved_until: int | None = None) -> tuple[int, float, int]:
+                   saved: float = 0.0, saved_until: int | None = None, parts: int = 0) -> tuple[int, float, int]:
         """Time a run of decode-only steps of `batch` sequences: step j reads x0 + j * batch KV
         positions (and as many attention pairs). Stops after max_steps, or after the first step
         ending at or after `until`, or before a step needing more new blocks than `avail` (the
         step with global index i needs block_counts[-i % len] blocks). Hydragen: steps read
         `saved` fewer KV positions (not fewer pairs) while the blocks used so far, the step's own
-        included, are at most `saved_until` (None: every step; only checked with block_counts).
+        included, are at most `saved_until` (None: every step; only checked with block_counts), and
+        pay `parts` shared-prefix parts' dispatch cost (none once the saving is off).
         Returns (steps, end time, blocks used)."""
         bs = len(block_counts) if block_counts else 1
+        sav = saved
+        on = bool(saved or parts)  # Hydragen engaged (a part saves no reads on a device without the gain)
+        npart = parts if on else 0
         if self._fast and batch < self._size:
-            base = self.const + self.t_tokens[batch] + self.t_seqs[batch] + self.t_logits[batch]
+            base0 = self.const + self.t_tokens[batch] + self.t_seqs[batch] + self.t_logits[batch]
+            base = base0 + npart * self.part_s if npart else base0
             coeffs = self._run_coefficients(batch, saved) if saved else self._coefficients(batch)
         else:
             base, coeffs = None, []
-        sav = saved
-        cap = saved_until if sav and saved_until is not None else _NEVER
+        cap = saved_until if on and saved_until is not None else _NEVER
         t, x, used, k = t0, x0, 0, 0
         single = coeffs[0] if len(coeffs) == 1 else None
         while k < max_steps:
@@ -124,8 +134,9 @@ class StepTimer:
                     break
                 used += need
                 if used > cap:  # Hydragen off from this step on (the fraction rule)
-                    sav, cap = 0.0, _NEVER
+                    sav, cap, npart = 0.0, _NEVER, 0
                     if base is not None:
+                        base = base0
                         coeffs = self._coefficients(batch)
                         single = coeffs[0] if len(coeffs) == 1 else None
             if single is not None:
@@ -135,7 +146,7 @@ class StepTimer:
             elif base is not None:
                 t += base + sum(max(a1 + a2 * x, b1 + b2 * x) + d for a1, a2, b1, b2, d in coeffs)
             else:
-                t += self.pm.step_time_vector((batch, batch, batch, x, x - sav))
+                t += self.pm.step_time_vector((batch, batch, batch, x, x - sav), npart)
             x += batch
             k += 1
             if until is not None and t >= until:
