@@ -65,8 +65,8 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
 
 def make_linear(parts: list[torch.Tensor | Int4Weight], bias: torch.Tensor | None = None) -> Linear | Int4Linear:
     """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
-    4-bit weights stay 4-bit when the int4 kernel can take them (bfloat16 on CPU); anything
-    else runs dequantized in the bias's dtype (the model's)."""
+    4-bit weights (present only in bfloat16 on CPU, see Transformer) get the int4 kernel for
+    narrow steps and a bf16 copy for wide ones; a shape the kernel cannot pack runs on the copy."""
     if all(isinstance(p, Int4Weight) for p in parts):
         w4 = Int4Weight.cat(parts)
         dense = Linear(w4.dequantize().to(torch.bfloat16), bias)
