@@ -7,6 +7,7 @@ engines for more. Ties go round-robin so an idle fleet fills evenly.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Hashable, Protocol, Sequence
 
 ROUTERS = ("round-robin", "least-loaded", "prefix-aware")
@@ -16,16 +17,17 @@ class HasLoad(Protocol):
     load: int
 
 
-class Router:
+class Router(ABC):
+    """Picks the replica of an arriving request; subclasses are the routing policies."""
     name = ""
 
     def __init__(self, replicas: Sequence[HasLoad]):
         self.replicas = list(replicas)
         self._next = 0
 
+    @abstractmethod
     def choose(self, key: Hashable | None = None) -> int:
         """Index into the pool."""
-        raise NotImplementedError
 
     def _least_loaded(self) -> int:
         loads = [r.load for r in self.replicas]
