@@ -97,12 +97,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_perf_model(args: argparse.Namespace):
-    """The PerfModel named by --model/--hardware/--dtype/--weight-dtype/--kv-dtype (shared with simulate)."""
+    """The PerfModel named by --model, --hardware, --dtype, --weight-dtype and --kv-dtype."""
     from ..loader import load_model_config
     from .predictor import PerfModel
 
     spec = load_spec(args.hardware)
-    return PerfModel(load_model_config(args.model), spec, args.dtype, getattr(args, "weight_dtype", None),
+    return PerfModel(load_model_config(args.model), spec, args.dtype, args.weight_dtype,
                      args.kv_dtype, block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
