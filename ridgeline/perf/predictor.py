@@ -68,7 +68,8 @@ class PerfModel:
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.ops: list[OpCost] = operator_table(model, dtype, self.weight_dtype, self.kv_dtype)
-        self._rates = self._op_rates()
+        # (op, seconds per FLOP, seconds per byte, dispatch seconds): the simulator tabulates these
+        self.op_rates = self._op_rates()
 
     def _op_rates(self) -> list[tuple[OpCost, float, float, float]]:
         """(op, seconds per FLOP, seconds per byte, dispatch seconds) with the efficiencies folded in."""
@@ -103,7 +104,7 @@ class PerfModel:
 
     def step_time_vector(self, v: tuple[float, ...], shared_parts: int = 0) -> float:
         total = self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1] + shared_parts * self.shared_part_overhead_s
-        for op, sf, sb, dispatch in self._rates:
+        for op, sf, sb, dispatch in self.op_rates:
             total += max(op.flops_for(v) * sf, op.bytes_for(v) * sb) + dispatch
         return total
 
@@ -114,7 +115,7 @@ class PerfModel:
         host = (self.hw.step_overhead_s + self.hw.seq_overhead_s * v[1]
                 + stats.shared_parts * self.shared_part_overhead_s)
         ops = []
-        for op, sf, sb, dispatch in self._rates:
+        for op, sf, sb, dispatch in self.op_rates:
             f, b = op.flops_for(v), op.bytes_for(v)
             tc, tm = f * sf, b * sb
             bound = "compute" if tc >= tm else "memory"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..hydragen import HydragenConfig
 from .cache import BlockPool, Node
@@ -227,12 +227,8 @@ class Replica:
                     continue
                 n = min(q.num_tokens - q.computed, budget)
                 need = -(-(q.computed + n) // bs) - (-(-q.computed // bs))
-                while need > pool.available:
-                    victim = self.prefills[-1]  # the newest unscheduled running sequence
-                    self._preempt(victim, s)
-                    preempted += 1
-                    if victim is q:
-                        break
+                # the newest unscheduled running sequence
+                preempted += self._make_room(q, need, s, lambda: self.prefills[-1])
                 if q.state != PREFILL:
                     continue
                 pool.allocate(need)
@@ -550,17 +546,25 @@ class Replica:
             if q.state != DECODE:
                 continue
             need = 1 if (q.off + s) % bs == 0 else 0
-            while need > pool.available:
-                victim = next(v for v in reversed(self.running) if v.rid not in scheduled)
-                self._preempt(victim, s)
-                preempted += 1
-                if victim is q:
-                    break
+            preempted += self._make_room(
+                q, need, s, lambda: next(v for v in reversed(self.running) if v.rid not in scheduled))
             if q.state != DECODE:
                 continue
             pool.allocate(need)
             scheduled.add(q.rid)
         return preempted
+
+    def _make_room(self, q: Seq, need: int, s: int, newest: Callable[[], Seq]) -> int:
+        """Preempt newest() until `need` blocks are free or q itself was preempted (the
+        scheduler's loop); returns how many were preempted."""
+        count = 0
+        while need > self.pool.available:
+            victim = newest()
+            self._preempt(victim, s)
+            count += 1
+            if victim is q:
+                break
+        return count
 
     def _preempt(self, q: Seq, s: int) -> None:
         """Free the sequence's blocks (its full ones stay cached, evictable) and requeue it first."""
