@@ -191,6 +191,27 @@ def test_closed_loop_never_exceeds_max_concurrency(pm):
     assert all(f is not None for f in r.finish)
 
 
+def test_client_latency_delays_sends_and_outputs_and_misses_the_step_boundary(pm):
+    lat = 0.003
+    p, o = 300, 6
+    alone = simulate(cfg(), synthetic_workload([p], [o]), pm)
+    r = simulate(cfg(client_latency=1000 * lat), synthetic_workload([p], [o]), pm)
+    # One request: it reaches the engine lat after it is sent, its tokens reach the client lat later.
+    assert r.first_token[0] - r.sent[0] == pytest.approx(alone.first_token[0] + 2 * lat, rel=1e-9)
+    assert r.finish[0] - r.first_token[0] == pytest.approx(alone.finish[0] - alone.first_token[0], rel=1e-9)
+    # Closed loop, two clients: A decodes long, B is short, C waits for B's client. Without
+    # latency C joins the step right after B finishes; with it, C reaches the engine while A's
+    # next decode step runs and waits for it.
+    wl = synthetic_workload([p, p, p], [40, 2, 2], max_concurrency=2)
+    r0 = simulate(cfg(), wl, pm)
+    r1 = simulate(cfg(client_latency=1000 * lat), wl, pm)
+    assert r1.sent[2] == pytest.approx(r1.finish[1], rel=1e-12)  # sent when its client saw B finish
+    decode_a = step(pm, (1, p + 1, True))
+    assert decode_a > 2 * lat
+    extra = (r1.first_token[2] - r1.sent[2]) - (r0.first_token[2] - r0.sent[2])
+    assert extra == pytest.approx(decode_a, rel=0.05)
+
+
 def test_tiny_kv_pool_preempts_and_everything_finishes(pm):
     wl = synthetic_workload([300] * 8, [200] * 8)
     r = simulate(cfg(kv_cache_memory=60 * pm.kv_bytes_per_block), wl, pm)
@@ -574,6 +595,7 @@ def test_hydragen_fraction_rule_within_a_decode_run(pm):
     (dict(router="random"), "--router"),
     (dict(replicas=2, policy="disaggregated", link_bandwidth=0.0), "--link-bandwidth"),
     (dict(replicas=2, policy="disaggregated", link_latency=-1.0), "--link-latency"),
+    (dict(client_latency=float("nan")), "--client-latency"),
     (dict(max_num_seqs=512, max_num_batched_tokens=256), "--max-num-batched-tokens"),
     (dict(kv_cache_memory="lots"), "--kv-cache-memory"),
     (dict(hydragen_min_saved_tokens=0), "--hydragen-min-saved-tokens"),

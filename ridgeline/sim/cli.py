@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--link-latency", type=float, default=0.0, help="disaggregated: ms per transfer (default: 0)")
     f.add_argument("--router", default="least-loaded", choices=ROUTERS,
                    help="replica choice for an arriving request (default: least-loaded)")
+    f.add_argument("--client-latency", type=float, default=0.0,
+                   help="ms one way between clients and servers (HTTP path, output delivery); a closed-loop "
+                        "client's next request then waits for the step in progress (default: 0)")
     d = p.add_argument_group("workload (as ridgeline bench serve)")
     d.add_argument("--dataset", default="random", choices=DATASETS, help="workload (default: random)")
     d.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=1000,
@@ -98,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[SimConfig, WorkloadSpec]
                     hydragen_min_saved_tokens=args.hydragen_min_saved_tokens,
                     hydragen_min_saved_fraction=args.hydragen_min_saved_fraction, max_model_len=args.max_model_len,
                     replicas=args.replicas, policy=args.policy, prefill_replicas=args.prefill_replicas,
-                    link_bandwidth=args.link_bandwidth, link_latency=args.link_latency, router=args.router)
+                    link_bandwidth=args.link_bandwidth, link_latency=args.link_latency, router=args.router,
+                    client_latency=args.client_latency)
     spec = WorkloadSpec(**{name: getattr(args, name) for name in WorkloadSpec.__dataclass_fields__})
     return cfg, spec
 

@@ -1,9 +1,12 @@
 """The discrete-event loop: arrivals, routing, replica steps, KV transfers, closed-loop sends.
 
 Events are replica step ends (a general step or a run of decode-only steps), replica starts
-(an idle replica woken by work), and KV-transfer ends; arrivals come from the workload's
-sorted send times and go first on ties, so a request arriving exactly at a step boundary
-joins that boundary's schedule. Policies:
+(an idle replica woken by work), KV-transfer ends, and requests reaching the server after the
+client latency; sends come from the workload's sorted send times and go first on ties, so a
+request arriving exactly at a step boundary joins that boundary's schedule. With a client
+latency > 0 a closed-loop client's next request, sent when it sees the previous one finish,
+reaches the engine after the next step has started and waits for that step: the one-step
+admission delay a real server has at high concurrency. Policies:
 
 - colocated: every replica runs whole requests with chunked prefill mixed into decode steps
   (Sarathi-Serve).
@@ -34,7 +37,7 @@ from .workload import Workload
 
 POLICIES = ("colocated", "disaggregated")
 _HYDRAGEN = HydragenConfig()  # the engine's defaults
-_STEP_END, _START, _TX_END = 0, 1, 2
+_STEP_END, _START, _TX_END, _ARRIVE = 0, 1, 2, 3
 
 
 @dataclass
@@ -59,6 +62,10 @@ class SimConfig:
     link_bandwidth: float = 25.0  # GB/s per prefill replica's outgoing link
     link_latency: float = 0.0  # ms per transfer
     router: str = "least-loaded"
+    # ms one way between the clients and the servers (HTTP, tokenization, output delivery): a
+    # request reaches its replica this long after it is sent, and its tokens reach the client
+    # this long after they are sampled; latencies are measured at the client
+    client_latency: float = 0.0
 
     def validate(self) -> None:
         def integer(name: str, value, low: int) -> None:
@@ -100,6 +107,9 @@ class SimConfig:
         if not (isinstance(self.link_latency, (int, float)) and math.isfinite(self.link_latency)
                 and self.link_latency >= 0):
             raise ValueError(f"--link-latency must be a finite number of ms >= 0, got {self.link_latency!r}")
+        if not (isinstance(self.client_latency, (int, float)) and math.isfinite(self.client_latency)
+                and self.client_latency >= 0):
+            raise ValueError(f"--client-latency must be a finite number of ms >= 0, got {self.client_latency!r}")
         if self.kv_cache_memory is not None:
             try:
                 parse_memory_size(self.kv_cache_memory)
@@ -191,6 +201,7 @@ class Simulator:
         self._in_flight = 0
         self._max_in_flight = 0
         self._done = 0
+        self._latency = config.client_latency / 1000
 
     def _check_workload(self) -> None:
         wl, cfg, bs = self.wl, self.cfg, self.cfg.block_size
@@ -257,6 +268,8 @@ class Simulator:
             elif kind == _START:
                 if version == obj.version:
                     obj.on_start(t)
+            elif kind == _ARRIVE:
+                self._route(obj, t)
             else:
                 self._transfer_end(obj, t)
         if self._done != n:
@@ -270,13 +283,20 @@ class Simulator:
         self._in_flight += 1
         if self._in_flight > self._max_in_flight:
             self._max_in_flight = self._in_flight
-        self.router.replicas[self.router.choose(wl.route_keys[rid])].enqueue(q, t)
+        if self._latency:
+            self._counter += 1
+            heapq.heappush(self._heap, (t + self._latency, self._counter, _ARRIVE, q, 0))
+        else:
+            self._route(q, t)
+
+    def _route(self, q: Seq, t: float) -> None:
+        self.router.replicas[self.router.choose(self.wl.route_keys[q.rid])].enqueue(q, t)
 
     def finished(self, q: Seq, t: float) -> None:
         self._done += 1
         self._in_flight -= 1
-        if self._blocked:
-            self._send(self._blocked.popleft(), t)
+        if self._blocked:  # the client sends its next request once it has seen this one finish
+            self._send(self._blocked.popleft(), t + self._latency)
 
     # ------------------------------------------------------------------ disaggregation
 
@@ -309,14 +329,15 @@ class Simulator:
 
     def _result(self, wall: float) -> SimResult:
         seqs = self.seqs
+        lat = self._latency  # tokens reach the client this much later
         return SimResult(
             config=self.cfg, num_requests=len(seqs),
-            sent=[q.sent for q in seqs], first_token=[q.first_token for q in seqs],
-            finish=[q.finish for q in seqs], prompt_len=[q.prompt_len for q in seqs],
+            sent=[q.sent for q in seqs], first_token=[q.first_token + lat for q in seqs],
+            finish=[q.finish + lat for q in seqs], prompt_len=[q.prompt_len for q in seqs],
             output_len=[q.output_len for q in seqs], preemptions=[q.preemptions for q in seqs],
             hit_tokens=[q.hit_tokens for q in seqs], transfer_s=[q.transfer_s for q in seqs],
             replica_roles=[r.role for r in self.replicas], replica_stats=[r.stats for r in self.replicas],
-            kv_blocks=self.kv_blocks, makespan_s=max(q.finish for q in seqs), wall_s=wall,
+            kv_blocks=self.kv_blocks, makespan_s=max(q.finish for q in seqs) + lat, wall_s=wall,
             max_in_flight=self._max_in_flight, timer_fast=self.timer.fast,
             meta=dict(self.wl.meta))
 
