@@ -12,7 +12,7 @@ import argparse
 import statistics
 
 from ridgeline.loader import load_model_config
-from ridgeline.perf.calibrate import calibrate, predict
+from ridgeline.perf.calibrate import REPEATS, calibrate, predict
 from ridgeline.perf.probe import probe
 
 
@@ -20,7 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
