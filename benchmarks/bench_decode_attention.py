@@ -1,11 +1,14 @@
-"""Why decode attention upcasts to float32: CPU attention variants for one query row per sequence.
+"""Decode attention on CPU: variants for one query row per sequence.
 
-For the default model's head layout (9 query heads, 3 KV heads, head_dim 64) and a few batch
-sizes and context lengths, times (median of --repeats rounds) the K/V gather through a slot
-matrix plus attention, done as:
-  - bf16 SDPA: torch's scaled_dot_product_attention on the bfloat16 cache,
+For the default model's head layout (9 query heads, 3 KV heads, head_dim 64) and batch x context
+shapes of at most 8,192 keys (the engine's DECODE_KEYS_PER_CALL), times (median of --repeats
+rounds) the K/V gather through a slot matrix (index_select, as the engine) plus attention, as:
+  - bf16 SDPA: torch's scaled_dot_product_attention on the bfloat16 cache, one query row per
+    head and enable_gqa,
   - bf16 matmul: two batched matmuls in bfloat16 with a float32 softmax,
-  - fp32 SDPA: K/V and q upcast to float32, then SDPA (what ridgeline's decode path does).
+  - fp32 SDPA: K/V and q upcast to float32, then SDPA (ridgeline's decode path until 2026-11-23),
+  - bf16 grouped: SDPA in bfloat16 with the 3 query heads of each KV head as 3 query rows
+    (ridgeline's decode path now).
 
     .venv/bin/python benchmarks/bench_decode_attention.py [--repeats 5]
 """
@@ -20,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 HQ, HKV, D = 9, 3, 64
-SHAPES = [(1, 64), (1, 1024), (8, 256), (32, 256), (32, 1024)]
+SHAPES = [(1, 64), (1, 1024), (1, 4096), (8, 256), (8, 1024), (32, 256), (64, 128)]
+NAMES = ("bf16 SDPA", "bf16 matmul", "fp32 SDPA", "bf16 grouped")
 
 
 def timed(fn, iters: int) -> float:
@@ -40,33 +44,41 @@ def variants(b: int, ctx: int, pool: int = 40_000) -> dict:
     q = torch.randn(b, HQ, D, generator=g).to(dt)
     slots = torch.randint(0, pool, (b, ctx), generator=g)
     bias = torch.zeros(b, 1, 1, ctx)
+    bias16 = bias.to(dt)
     mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool)
     scale = D ** -0.5
 
+    def gather(cache):
+        return cache.index_select(0, slots.reshape(-1)).view(b, ctx, HKV, D).transpose(1, 2)
+
     def bf16_sdpa():
-        k, v = kc[slots].transpose(1, 2), vc[slots].transpose(1, 2)
+        k, v = gather(kc), gather(vc)
         return F.scaled_dot_product_attention(q.view(b, HQ, 1, D), k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=True)
 
     def bf16_matmul():
-        k, v = kc[slots].transpose(1, 2), vc[slots].transpose(1, 2)
+        k, v = gather(kc), gather(vc)
         s = torch.matmul(q.view(b, HKV, HQ // HKV, D), k.transpose(-1, -2)).float()
         return torch.matmul((s * scale + bias).softmax(-1).to(dt), v)
 
     def fp32_sdpa():
-        k, v = kc[slots].transpose(1, 2).float(), vc[slots].transpose(1, 2).float()
+        k, v = gather(kc).float(), gather(vc).float()
         out = F.scaled_dot_product_attention(q.float().view(b, HQ, 1, D), k, v, attn_mask=bias, scale=scale,
                                              enable_gqa=True)
         return out.to(dt)
 
-    return {"bf16 SDPA": bf16_sdpa, "bf16 matmul": bf16_matmul, "fp32 SDPA": fp32_sdpa}
+    def bf16_grouped():
+        return F.scaled_dot_product_attention(q.view(b, HKV, HQ // HKV, D), gather(kc), gather(vc),
+                                              attn_mask=bias16, scale=scale)
+
+    return dict(zip(NAMES, (bf16_sdpa, bf16_matmul, fp32_sdpa, bf16_grouped)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    print(f"{'batch':>5} {'context':>7} {'bf16 SDPA us':>13} {'bf16 matmul us':>15} {'fp32 SDPA us':>13}")
+    print("| batch | context | " + " | ".join(f"{n} us" for n in NAMES) + " |")
     for b, ctx in SHAPES:
         fns = variants(b, ctx)
         iters = max(5, 20_000 // (b * ctx // 16 + 1))
@@ -75,7 +87,7 @@ def main() -> None:
             for name, fn in fns.items():
                 rounds[name].append(timed(fn, iters))
         med = {name: statistics.median(ts) for name, ts in rounds.items()}
-        print(f"{b:>5} {ctx:>7} {med['bf16 SDPA']:>13.0f} {med['bf16 matmul']:>15.0f} {med['fp32 SDPA']:>13.0f}")
+        print(f"| {b} | {ctx} | " + " | ".join(f"{med[n]:.0f}" for n in NAMES) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ class LLMEngine:
             row += n
 
         meta = build_metadata([s.block_table for s in seqs], starts, lens, self.cache_config.block_size,
-                              self.model_config.sliding_window, self.device, self.hydragen)
+                              self.model_config.sliding_window, self.device, self.hydragen, self.model.dtype)
         if meta.decode is not None and meta.decode.prefix_parts:
             self.stats["hydragen_steps"] += 1
         dev = self.device

@@ -32,12 +32,16 @@ MIXED_SHAPES = [(0, 1), (5, 1), (13, 1), (31, 1), (0, 9), (6, 3), (17, 12), (3, 
 LONE_CHUNK = [(5, 1), (0, 23)]  # the prefill chunk alone from position 0 takes the is_causal path
 
 
-@pytest.mark.parametrize("hq, hkv, window, shapes, keys_per_call", [
-    (4, 4, None, MIXED_SHAPES, None), (8, 2, None, MIXED_SHAPES, None), (9, 3, None, MIXED_SHAPES, None),
-    (6, 1, 7, MIXED_SHAPES, None), (8, 2, None, LONE_CHUNK, None), (8, 2, 5, LONE_CHUNK, None),
-    (8, 2, None, MIXED_SHAPES, 70)])  # decode rows attended in chunks of two sequences
-def test_paged_attention_matches_naive(hq, hkv, window, shapes, keys_per_call, monkeypatch):
-    """shapes: (tokens already in the cache, new tokens this step), decodes first, then prefill chunks."""
+@pytest.mark.parametrize("hq, hkv, window, shapes, keys_per_call, dtype", [
+    (4, 4, None, MIXED_SHAPES, None, torch.float32), (8, 2, None, MIXED_SHAPES, None, torch.float32),
+    (9, 3, None, MIXED_SHAPES, None, torch.float32), (6, 1, 7, MIXED_SHAPES, None, torch.float32),
+    (8, 2, None, LONE_CHUNK, None, torch.float32), (8, 2, 5, LONE_CHUNK, None, torch.float32),
+    (8, 2, None, MIXED_SHAPES, 70, torch.float32),  # decode rows attended in chunks of two sequences
+    (9, 3, None, MIXED_SHAPES, None, torch.bfloat16), (6, 1, 7, MIXED_SHAPES, 70, torch.bfloat16)])
+def test_paged_attention_matches_naive(hq, hkv, window, shapes, keys_per_call, dtype, monkeypatch):
+    """shapes: (tokens already in the cache, new tokens this step), decodes first, then prefill chunks.
+    bfloat16 runs in bfloat16 against float32 attention over the same (rounded) inputs: within a
+    few bfloat16 roundings of outputs of magnitude <= ~3."""
     if keys_per_call is not None:
         monkeypatch.setattr(attention, "DECODE_KEYS_PER_CALL", keys_per_call)
     g = torch.Generator().manual_seed(hq * 10 + hkv)
@@ -56,11 +60,14 @@ def test_paged_attention_matches_naive(hq, hkv, window, shapes, keys_per_call, m
         k_cache[slots], v_cache[slots] = k[:start], v[:start]
         tables.append(table), starts.append(start), lens.append(n)
         full_k.append(k), full_v.append(v), qs.append(torch.randn(n, hq, d, generator=g))
-    meta = build_metadata(tables, starts, lens, block_size, window, torch.device("cpu"))
-    k_cache.index_copy_(0, meta.slot_mapping, torch.cat([k[s:] for k, s in zip(full_k, starts)]))
-    v_cache.index_copy_(0, meta.slot_mapping, torch.cat([v[s:] for v, s in zip(full_v, starts)]))
+    if dtype != torch.float32:  # the reference sees the same rounded values
+        full_k, full_v, qs = ([t.to(dtype).float() for t in ts] for ts in (full_k, full_v, qs))
+        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    meta = build_metadata(tables, starts, lens, block_size, window, torch.device("cpu"), dtype=dtype)
+    k_cache.index_copy_(0, meta.slot_mapping, torch.cat([k[s:] for k, s in zip(full_k, starts)]).to(dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, torch.cat([v[s:] for v, s in zip(full_v, starts)]).to(dtype))
     scale = d ** -0.5
-    out = paged_attention(torch.cat(qs), k_cache, v_cache, meta, scale)
+    out = paged_attention(torch.cat(qs).to(dtype), k_cache, v_cache, meta, scale)
     expected = torch.cat([naive(q, k, v, s, window, scale) for q, k, v, s in zip(qs, full_k, full_v, starts)])
-    assert out.shape == expected.shape
-    assert (out - expected).abs().max().item() <= 1e-5
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert (out.float() - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else 3e-2)
