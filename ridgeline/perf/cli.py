@@ -27,7 +27,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=10, help="calibration steps to time, 1-10 (default: 10)")
     p.add_argument("--repeats", type=int, default=5, help="timings per step, the fastest counts (default: 5)")
     p.add_argument("--no-holdout", action="store_true",
-                   help="skip the held-out grid of 42 step shapes (then no `mape` is reported)")
+                   help="skip the held-out grid of 46 step shapes (then no `mape` is reported)")
     p.add_argument("--json", action="store_true", help="print the fit, its error and every sample as JSON")
 
 
