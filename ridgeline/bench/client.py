@@ -28,6 +28,26 @@ from .metrics import BenchMetrics, RequestRecord, compute_metrics, format_table,
 DATASETS = ("random", "prefix-repetition", "multi-turn")
 
 
+def add_dataset_arguments(d: argparse._ArgumentGroup, unit: str) -> None:
+    """The dataset options, shared with `ridgeline simulate` so both draw the same workloads;
+    prompt lengths are in `unit` (words here; the simulator counts each word as one token)."""
+    d.add_argument("--dataset", default="random", choices=DATASETS, help="workload (default: random)")
+    d.add_argument("--seed", type=int, default=0, help="dataset and arrival seed (default: 0)")
+    d.add_argument("--random-input-len", type=int, default=128, help=f"random: prompt {unit} (default: 128)")
+    d.add_argument("--random-output-len", type=int, default=64, help="random: output tokens (default: 64)")
+    d.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random: lengths uniform in [L(1-r), L(1+r)] (default: 0)")
+    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256, help=f"shared prefix {unit} (default: 256)")
+    d.add_argument("--prefix-repetition-suffix-len", type=int, default=32, help=f"unique suffix {unit} (default: 32)")
+    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="distinct prefixes (default: 4)")
+    d.add_argument("--prefix-repetition-output-len", type=int, default=64, help="output tokens (default: 64)")
+    d.add_argument("--multi-turn-num-turns", type=int, default=4, help="turns per conversation (default: 4)")
+    d.add_argument("--multi-turn-system-len", type=int, default=128, help=f"shared system prompt {unit} (default: 128)")
+    d.add_argument("--multi-turn-user-len", type=int, default=32, help=f"{unit} per user turn (default: 32)")
+    d.add_argument("--multi-turn-assistant-len", type=int, default=32, help=f"{unit} per earlier reply (default: 32)")
+    d.add_argument("--multi-turn-output-len", type=int, default=64, help="output tokens (default: 64)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default: http://127.0.0.1:8000)")
@@ -35,22 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY, else none)")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default: 600)")
     d = p.add_argument_group("dataset")
-    d.add_argument("--dataset", default="random", choices=DATASETS, help="workload (default: random)")
     d.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
-    d.add_argument("--seed", type=int, default=0, help="dataset and arrival seed (default: 0)")
-    d.add_argument("--random-input-len", type=int, default=128, help="random: prompt words (default: 128)")
-    d.add_argument("--random-output-len", type=int, default=64, help="random: max_tokens (default: 64)")
-    d.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="random: lengths uniform in [L(1-r), L(1+r)] (default: 0)")
-    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256, help="shared prefix words (default: 256)")
-    d.add_argument("--prefix-repetition-suffix-len", type=int, default=32, help="unique suffix words (default: 32)")
-    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="distinct prefixes (default: 4)")
-    d.add_argument("--prefix-repetition-output-len", type=int, default=64, help="max_tokens (default: 64)")
-    d.add_argument("--multi-turn-num-turns", type=int, default=4, help="turns per conversation (default: 4)")
-    d.add_argument("--multi-turn-system-len", type=int, default=128, help="shared system prompt words (default: 128)")
-    d.add_argument("--multi-turn-user-len", type=int, default=32, help="words per user turn (default: 32)")
-    d.add_argument("--multi-turn-assistant-len", type=int, default=32, help="words per earlier reply (default: 32)")
-    d.add_argument("--multi-turn-output-len", type=int, default=64, help="max_tokens (default: 64)")
+    add_dataset_arguments(d, "words")
     t = p.add_argument_group("traffic")
     t.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests per second; inf sends all at once (default: inf)")

@@ -8,7 +8,7 @@ import math
 import sys
 from datetime import datetime, timezone
 
-from ..bench.client import DATASETS
+from ..bench.client import add_dataset_arguments
 from ..bench.metrics import parse_slos
 from ..hydragen import HydragenConfig
 from .report import format_report, json_ready, plot_cdfs, summarize
@@ -61,23 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ms one way between clients and servers (HTTP path, output delivery); a closed-loop "
                         "client's next request then waits for the step in progress (default: 0)")
     d = p.add_argument_group("workload (as ridgeline bench serve)")
-    d.add_argument("--dataset", default="random", choices=DATASETS, help="workload (default: random)")
     d.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=1000,
                    help="requests to simulate (default: 1000)")
-    d.add_argument("--seed", type=int, default=0, help="dataset and arrival seed (default: 0)")
-    d.add_argument("--random-input-len", type=int, default=128, help="random: prompt tokens (default: 128)")
-    d.add_argument("--random-output-len", type=int, default=64, help="random: output tokens (default: 64)")
-    d.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="random: lengths uniform in [L(1-r), L(1+r)] (default: 0)")
-    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256, help="shared prefix tokens (default: 256)")
-    d.add_argument("--prefix-repetition-suffix-len", type=int, default=32, help="unique suffix tokens (default: 32)")
-    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="distinct prefixes (default: 4)")
-    d.add_argument("--prefix-repetition-output-len", type=int, default=64, help="output tokens (default: 64)")
-    d.add_argument("--multi-turn-num-turns", type=int, default=4, help="turns per conversation (default: 4)")
-    d.add_argument("--multi-turn-system-len", type=int, default=128, help="shared system prompt tokens (default: 128)")
-    d.add_argument("--multi-turn-user-len", type=int, default=32, help="tokens per user turn (default: 32)")
-    d.add_argument("--multi-turn-assistant-len", type=int, default=32, help="tokens per earlier reply (default: 32)")
-    d.add_argument("--multi-turn-output-len", type=int, default=64, help="output tokens (default: 64)")
+    add_dataset_arguments(d, "tokens")
     d.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests per second; inf sends all at once (default: inf)")
     d.add_argument("--burstiness", type=float, default=1.0,
