@@ -142,15 +142,16 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, eps)
             qkv = layer.qkv(x)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            qk_size = cfg.q_size + cfg.kv_size
+            v = qkv[:, qk_size:]  # (slices, not split(): this loop runs ~30 x per step, Python costs count)
             if layer.q_norm is not None:
-                q = F.rms_norm(q.reshape(t, hq, d), (d,), layer.q_norm, eps)
-                k = F.rms_norm(k.reshape(t, hkv, d), (d,), layer.k_norm, eps)
+                q = F.rms_norm(qkv[:, :cfg.q_size].reshape(t, hq, d), (d,), layer.q_norm, eps)
+                k = F.rms_norm(qkv[:, cfg.q_size:qk_size].reshape(t, hkv, d), (d,), layer.k_norm, eps)
                 qk = torch.cat((q, k), dim=1)
             else:
-                qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, hq + hkv, d)
+                qk = qkv[:, :qk_size].view(t, hq + hkv, d)
             qk = self._rope(qk, cos, sin)
-            q, k = qk.split([hq, hkv], dim=1)
+            q, k = qk[:, :hq], qk[:, hq:]
             k_cache, v_cache = kv.layer(i)
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v.view(t, hkv, d))
