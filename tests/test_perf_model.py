@@ -203,3 +203,28 @@ def test_calibrate_then_plan_local(tmp_path):
     assert json.loads(plan.stdout)["hardware"] == "local"
     bad = _cli("perf", "calibrate", "--samples", "11", env=env)
     assert bad.returncode == 2 and "--samples must be in [1, 10]" in bad.stderr
+
+
+def test_calibration_shared_prefix_shapes_run_the_engines_hydragen_parts(monkeypatch):
+    """The model prices one Hydragen part per shared prefix of a step shape; the shapes that
+    calibrate and check that price must make the real engine run exactly those parts."""
+    from ridgeline import attention
+    from ridgeline.perf.calibrate import CALIBRATION_SHAPES, EngineStepTimer, holdout_grid
+
+    shapes = [(label, s) for label, s in CALIBRATION_SHAPES + holdout_grid() if s.shared_prefixes]
+    assert any(len(s.shared_prefixes) > 1 for _, s in CALIBRATION_SHAPES), "a multi-part calibration sample"
+    parts: list[int] = []
+
+    def counting(*args, **kwargs):
+        found, own = find(*args, **kwargs)
+        parts.append(len(found))
+        return found, own
+
+    find = attention.find_shared_prefixes
+    monkeypatch.setattr(attention, "find_shared_prefixes", counting)
+    kv = max(sum(w.context_len + w.new_tokens + 16 for w in s.seqs) for _, s in shapes)
+    timer = EngineStepTimer(dtype="bfloat16", kv_tokens=kv, repeats=1)
+    for label, shape in shapes:
+        parts.clear()
+        timer.run_step(shape)
+        assert parts == [len(shape.shared_prefixes)], label
