@@ -165,8 +165,8 @@ def _attend_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         bias: torch.Tensor, scale: float) -> torch.Tensor:
     """The query heads that share a KV head become the rows of one query matrix ([B, Hkv,
     Hq / Hkv, D]), so the kernel reads each K/V row once and needs no GQA expansion, and it runs
-    in the cache's dtype: in bfloat16 that is 1.3-1.5x faster than upcasting K/V to float32 (1 x
-    4,097 keys: 0.40 vs 0.58 ms per layer; 64 x 1,025: 12 vs 17 ms), with float32 accumulation
+    in the cache's dtype: in bfloat16 that is 1.1-1.5x faster than upcasting K/V to float32 (1 x
+    4,096 keys: 421 vs 511 us per layer; 8 x 1,024: 719 vs 1,110 us), with float32 accumulation
     inside the kernel (docs/benchmarks.md, "Decode attention kernels")."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
