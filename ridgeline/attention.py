@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .hydragen import HydragenConfig, PrefixPart, SharedPrefix, find_shared_prefixes, hydragen_decode
+from .kernels import CpuKernels
 from .kv_cache import gather_kv
 
 
@@ -177,13 +178,17 @@ def _attend_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D] for the flat batch; K/V of these tokens are already in the cache."""
+                    meta: AttentionMetadata, scale: float, kernels: CpuKernels | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] for the flat batch; K/V of these tokens are already in the cache. With
+    `kernels`, decode rows read their own K/V straight from the paged cache."""
     parts = []
     if meta.decode is not None:
         g = meta.decode
         if g.prefix_parts:
-            parts.append(hydragen_decode(q[:g.num_rows], k_cache, v_cache, g.slots, g.bias, g.prefix_parts, scale))
+            parts.append(hydragen_decode(q[:g.num_rows], k_cache, v_cache, g.slots, g.bias, g.prefix_parts, scale,
+                                         kernels))
+        elif kernels is not None:
+            parts.append(kernels.decode_attention(q[:g.num_rows], k_cache, v_cache, g.slots, g.bias, scale))
         else:
             parts.append(_attend_decode(q[:g.num_rows], k_cache, v_cache, g, scale))
     if meta.prefill is not None:

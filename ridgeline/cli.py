@@ -62,6 +62,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="none", choices=["none", "int4"],
                    help="int4: decode with a GGUF's Q4_0/Q4_1 weights kept 4-bit (bfloat16 on CPU; faster decode, "
                         "more memory: wide steps use a bf16 copy); none (default): dequantize")
+    g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
+                        "use with the system C compiler (default: on; off = PyTorch ops only)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -195,7 +198,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     from .kv_cache import parse_memory_size
 
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
+                  kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
+                  cpu_kernels=args.cpu_kernels)
     EngineConfig(model=args.model, **kwargs)
     parse_memory_size(args.kv_cache_memory)
     return kwargs

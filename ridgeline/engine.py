@@ -80,6 +80,9 @@ class EngineConfig:
     # "int4": a GGUF's Q4_0/Q4_1 linear weights also stay 4-bit, for decode steps of <= 4 tokens
     # (bfloat16 on CPU; wider steps use a bf16 copy, so it costs memory). "none": dequantize.
     quantization: str = "none"
+    # fused C kernels for the per-layer elementwise work on CPU (ridgeline/kernels; compiled at
+    # first use, skipped without a C compiler). False: PyTorch ops only.
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -115,7 +118,7 @@ class LLMEngine:
         self.model_path = ckpt.path
         self.model_config: ModelConfig = ckpt.config
         self.tokenizer = load_tokenizer(ckpt.path)
-        self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device)
+        self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels)
         del ckpt
 
         mc = self.model_config

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import CpuKernels
 from .kv_cache import gather_kv
 
 
@@ -102,16 +103,22 @@ def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 
 def hydragen_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, own_slots: torch.Tensor,
-                    own_bias: torch.Tensor, parts: list[PrefixPart], scale: float) -> torch.Tensor:
+                    own_bias: torch.Tensor, parts: list[PrefixPart], scale: float,
+                    kernels: CpuKernels | None = None) -> torch.Tensor:
     """Decode attention with shared prefixes. q: [B, Hq, D]; own_slots/own_bias: [B, Lo] / [B, 1, 1, Lo]
-    for each row's blocks after its shared prefixes. Returns [B, Hq, D] in q's dtype."""
+    for each row's blocks after its shared prefixes. Returns [B, Hq, D] in q's dtype. With
+    `kernels`, the own blocks are read straight from the paged cache by the fused C kernel."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     grp = hq // hkv
     qg = q.view(b, hkv, grp, d)  # the query heads of each KV head as rows
-    k = gather_kv(k_cache, own_slots).transpose(1, 2)  # [B, Hkv, Lo, D]
-    v = gather_kv(v_cache, own_slots).transpose(1, 2)
-    out, lse = _attend_lse(qg, k, v, scale, own_bias)  # [B, Hkv, G, D], [B, Hkv, G] in float32
+    if kernels is not None:
+        out, lse = kernels.decode_attention(q, k_cache, v_cache, own_slots, own_bias, scale, with_lse=True)
+        out, lse = out.view(b, hkv, grp, d), lse.view(b, hkv, grp)
+    else:
+        k = gather_kv(k_cache, own_slots).transpose(1, 2)  # [B, Hkv, Lo, D]
+        v = gather_kv(v_cache, own_slots).transpose(1, 2)
+        out, lse = _attend_lse(qg, k, v, scale, own_bias)  # [B, Hkv, G, D], [B, Hkv, G] in float32
     for part in parts:
         pk = gather_kv(k_cache, part.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, P, D], read once for the group
         pv = gather_kv(v_cache, part.slots).transpose(0, 1).unsqueeze(0)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
+from .kernels import CpuKernels, load_cpu_kernels
 from .kv_cache import KVCachePool
 from .quant import Int4Linear, Int4Weight, int4_supported
 
@@ -95,7 +96,7 @@ class Transformer:
     """Weights plus a forward over the flat batch; no autograd, no nn.Module machinery."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, cpu_kernels: bool = True):
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -123,6 +124,10 @@ class Transformer:
         self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(dtype)
         self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         self.scale = config.head_dim ** -0.5
+        kernels = load_cpu_kernels() if cpu_kernels and device.type == "cpu" else None
+        self.kernels: CpuKernels | None = kernels if kernels is not None and kernels.supports(dtype) else None
+        self.attention_kernels = self.kernels if self.kernels is not None and self.kernels.handles_attention(
+            config.num_heads) else None
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half rotary embedding on x: [T, H, D]; cos/sin: [T, 1, D] (sin's first half negated)."""
@@ -132,6 +137,8 @@ class Transformer:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCachePool, logit_rows: torch.Tensor) -> torch.Tensor:
         """Run the flat batch; return float32 logits for `logit_rows` only."""
+        if self.kernels is not None:
+            return self._forward_fused(input_ids, positions, meta, kv, logit_rows)
         cfg = self.config
         t = input_ids.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -144,12 +151,7 @@ class Transformer:
             qkv = layer.qkv(x)
             qk_size = cfg.q_size + cfg.kv_size
             v = qkv[:, qk_size:]  # (slices, not split(): this loop runs ~30 x per step, Python costs count)
-            if layer.q_norm is not None:
-                q = F.rms_norm(qkv[:, :cfg.q_size].reshape(t, hq, d), (d,), layer.q_norm, eps)
-                k = F.rms_norm(qkv[:, cfg.q_size:qk_size].reshape(t, hkv, d), (d,), layer.k_norm, eps)
-                qk = torch.cat((q, k), dim=1)
-            else:
-                qk = qkv[:, :qk_size].view(t, hq + hkv, d)
+            qk = self._qk(layer, qkv, t)
             qk = self._rope(qk, cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
             k_cache, v_cache = kv.layer(i)
@@ -162,3 +164,39 @@ class Transformer:
             h = h + layer.down(F.silu(gate) * up)
         h = F.rms_norm(h[logit_rows], (cfg.hidden_size,), self.norm, eps)
         return self.lm_head(h).float()
+
+    def _qk(self, layer: Layer, qkv: torch.Tensor, t: int) -> torch.Tensor:
+        """q and k heads of the fused projection as [T, Hq + Hkv, D], q/k-normed where the model has it."""
+        cfg = self.config
+        qk_size = cfg.q_size + cfg.kv_size
+        if layer.q_norm is None:
+            return qkv[:, :qk_size].view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        d, eps = cfg.head_dim, cfg.rms_norm_eps
+        q = F.rms_norm(qkv[:, :cfg.q_size].reshape(t, cfg.num_heads, d), (d,), layer.q_norm, eps)
+        k = F.rms_norm(qkv[:, cfg.q_size:qk_size].reshape(t, cfg.num_kv_heads, d), (d,), layer.k_norm, eps)
+        return torch.cat((q, k), dim=1)
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv: KVCachePool, logit_rows: torch.Tensor) -> torch.Tensor:
+        """forward() with the fused CPU kernels: per layer, residual add + RMSNorm, rotary + KV
+        write and SiLU * up are one call each (the residual add of each sublayer is folded
+        into the next norm)."""
+        cfg = self.config
+        kern = self.kernels
+        t = input_ids.shape[0]
+        eps = cfg.rms_norm_eps
+        qk_size = cfg.q_size + cfg.kv_size
+        h = self.embed[input_ids]
+        delta = None  # the last sublayer's output, not yet added to h
+        for i, layer in enumerate(self.layers):
+            x = kern.add_rms_norm(h, layer.input_norm, eps, delta)
+            qkv = layer.qkv(x)
+            qk = self._qk(layer, qkv, t).view(t, -1)
+            k_cache, v_cache = kv.layer(i)
+            q = kern.rope_store(qk, qkv[:, qk_size:], positions, self.cos, self.sin, k_cache, v_cache,
+                                meta.slot_mapping, cfg.num_heads)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.attention_kernels)
+            x = kern.add_rms_norm(h, layer.post_norm, eps, layer.o(attn.view(t, cfg.q_size)))
+            delta = layer.down(kern.silu_mul(layer.gate_up(x)))
+        h, delta = h[logit_rows], delta[logit_rows]
+        return self.lm_head(kern.add_rms_norm(h, self.norm, eps, delta)).float()

@@ -15,6 +15,7 @@ import torch
 
 from ridgeline.attention import build_metadata, paged_attention
 from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
+from ridgeline.kernels import load_cpu_kernels
 
 from .test_attention import naive
 
@@ -38,7 +39,7 @@ class Pool:
 
 
 def run_case(group: int, prefix: int, sub_prefix: int, suffix_max: int, hq: int, hkv: int, seed: int,
-             cfg: HydragenConfig = ALWAYS, dtype: torch.dtype = torch.float32) -> int:
+             cfg: HydragenConfig = ALWAYS, dtype: torch.dtype = torch.float32, kernels=None) -> int:
     """`group` sequences share `prefix` tokens; the first half of them share `sub_prefix` more.
     Returns how many shared parts Hydragen used. In bfloat16 the reference sees the same rounded
     K/V and queries, and the outputs (magnitude <= ~3) must agree to a few bfloat16 roundings."""
@@ -81,7 +82,7 @@ def run_case(group: int, prefix: int, sub_prefix: int, suffix_max: int, hq: int,
     pool.v.index_copy_(0, meta.slot_mapping, torch.stack([v[-1] for v in full_v]))
     q = torch.randn(group, hq, d, generator=g).to(dtype)
     scale = d ** -0.5
-    out = paged_attention(q, pool.k.to(dtype), pool.v.to(dtype), meta, scale)
+    out = paged_attention(q, pool.k.to(dtype), pool.v.to(dtype), meta, scale, kernels)
     expected = torch.cat([naive(q[i:i + 1].float(), full_k[i], full_v[i], starts[i], None, scale)
                           for i in range(group)])
     assert out.dtype == dtype
@@ -89,12 +90,22 @@ def run_case(group: int, prefix: int, sub_prefix: int, suffix_max: int, hq: int,
     return len(meta.decode.prefix_parts or [])
 
 
+def kernels_or_skip(cpu_kernels: bool):
+    """None (PyTorch attention), or the fused CPU kernels for each row's own blocks."""
+    kernels = load_cpu_kernels() if cpu_kernels else None
+    if cpu_kernels and kernels is None:
+        pytest.skip("the fused CPU kernels did not build here (no C compiler?)")
+    return kernels
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "cpu_kernels"])
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (9, 3)])
-def test_hydragen_matches_reference(hq, hkv):
+def test_hydragen_matches_reference(hq, hkv, cpu_kernels):
+    kernels = kernels_or_skip(cpu_kernels)
     used = 0
     cases = itertools.product([1, 2, 3, 17, 64], [0, 5, 8, 37], [0, 11], [0, 3, 20])
     for seed, (group, prefix, sub, suffix) in enumerate(cases):
-        parts = run_case(group, prefix, sub, suffix, hq, hkv, seed)
+        parts = run_case(group, prefix, sub, suffix, hq, hkv, seed, kernels=kernels)
         if group >= 2 and prefix >= BS:
             assert parts >= 1, (group, prefix, sub, suffix)
         if group >= 4 and prefix >= BS and sub + prefix % BS >= BS:
@@ -103,9 +114,11 @@ def test_hydragen_matches_reference(hq, hkv):
     assert used > 0
 
 
-def test_hydragen_matches_reference_in_bfloat16():
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "cpu_kernels"])
+def test_hydragen_matches_reference_in_bfloat16(cpu_kernels):
+    kernels = kernels_or_skip(cpu_kernels)
     cases = itertools.product([2, 17, 64], [8, 37], [0, 11], [3])
-    assert sum(run_case(group, prefix, sub, suffix, 9, 3, seed, dtype=torch.bfloat16)
+    assert sum(run_case(group, prefix, sub, suffix, 9, 3, seed, dtype=torch.bfloat16, kernels=kernels)
                for seed, (group, prefix, sub, suffix) in enumerate(cases)) > 0
 
 
