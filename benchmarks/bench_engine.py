@@ -9,7 +9,7 @@ Measures, for one dtype (default: bfloat16, ridgeline's default on this CPU):
 Each number is the median of --repeats runs; ratios are ridgeline / transformers.
 
     .venv/bin/python benchmarks/bench_engine.py [--dtype bfloat16|float32] [--quantization none|int4] [--repeats 3]
-        [--json out.json]
+        [--no-cpu-kernels] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,13 +116,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantization", default="none", choices=["none", "int4"],
                     help="ridgeline's weights (int4: bf16 only)")
+    ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                    help="ridgeline with PyTorch ops only (no fused C kernels), for A/B runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
     # Prefix caching off: the repeated prompts would otherwise be cached after the first run.
     llm = LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory="1GiB", enable_prefix_caching=False,
-              quantization=args.quantization)
+              quantization=args.quantization, cpu_kernels=args.cpu_kernels)
+    cpu_kernels = llm.engine.model.kernels is not None
     ours = bench_ridgeline(llm, args.repeats)
     bytes_per_token = weight_bytes_per_token(llm)
     tok = llm.get_tokenizer()
@@ -140,7 +143,7 @@ def main() -> None:
     bandwidth = measure_bandwidth_gbs()
     roof = bandwidth * 1e9 / bytes_per_token
     result = {
-        "dtype": args.dtype, "quantization": args.quantization, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "dtype": args.dtype, "quantization": args.quantization, "cpu_kernels": cpu_kernels, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats, "ridgeline": ours, "transformers": theirs,
         "ratio": {k: ours[k] / theirs[k] for k in ours},
         "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": bytes_per_token,
@@ -148,7 +151,8 @@ def main() -> None:
         "decode_roofline_fraction": {"ridgeline": ours["decode_tok_s"] / roof,
                                      "transformers": theirs["decode_tok_s"] / roof},
     }
-    print(f"dtype {args.dtype}, quantization {args.quantization}, {result['threads']} threads, "
+    print(f"dtype {args.dtype}, quantization {args.quantization}, cpu kernels {'on' if cpu_kernels else 'off'}, "
+          f"{result['threads']} threads, "
           f"median of {args.repeats}")
     print(f"{'metric':<34}{'ridgeline':>12}{'transformers':>14}{'ratio':>8}")
     names = {"prefill_tok_s": f"prefill tok/s ({PREFILL_LEN}-token prompt)",

@@ -18,7 +18,7 @@ import torch
 from .attention import build_metadata
 from .config import ModelConfig
 from .cpu_memory import reuse_freed_memory
-from .hydragen import HydragenConfig
+from .hydragen import MIN_SAVED_TOKENS_CPU_KERNELS, MIN_SAVED_TOKENS_TORCH, HydragenConfig
 from .kv_cache import BlockManager, CacheConfig, KVCachePool, parse_memory_size
 from .loader import load_checkpoint
 from .model import Transformer
@@ -76,7 +76,10 @@ class EngineConfig:
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     enable_hydragen: bool = True  # shared-prefix decode attention (exact; see hydragen.py)
-    hydragen_min_saved_tokens: int = 512  # use a shared prefix of P tokens among g rows if (g-1)*P >= this
+    # use a shared prefix of P tokens among g rows if (g-1)*P >= this; None: the measured
+    # break-even for the decode attention in use (hydragen.MIN_SAVED_TOKENS_*: 3072 with the
+    # fused CPU kernels, else 512)
+    hydragen_min_saved_tokens: int | None = None
     # "int4": a GGUF's Q4_0/Q4_1 linear weights also stay 4-bit, for decode steps of <= 4 tokens
     # (bfloat16 on CPU; wider steps use a bf16 copy, so it costs memory). "none": dequantize.
     quantization: str = "none"
@@ -89,7 +92,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.hydragen_min_saved_tokens < 1:
+        if self.hydragen_min_saved_tokens is not None and self.hydragen_min_saved_tokens < 1:
             raise ValueError(f"hydragen_min_saved_tokens must be >= 1, got {self.hydragen_min_saved_tokens}")
         if self.quantization not in ("none", "int4"):
             raise ValueError(f"quantization must be 'none' or 'int4', got {self.quantization!r}")
@@ -138,7 +141,10 @@ class LLMEngine:
         self.cache_config = CacheConfig(block_size=bs, num_blocks=num_blocks)
         self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.hydragen = HydragenConfig(config.hydragen_min_saved_tokens) if config.enable_hydragen else None
+        min_saved = config.hydragen_min_saved_tokens
+        if min_saved is None:
+            min_saved = MIN_SAVED_TOKENS_CPU_KERNELS if self.model.attention_kernels else MIN_SAVED_TOKENS_TORCH
+        self.hydragen = HydragenConfig(min_saved) if config.enable_hydragen else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.eos_ids = list(mc.eos_token_ids)

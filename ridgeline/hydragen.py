@@ -26,13 +26,19 @@ from .kv_cache import gather_kv
 class HydragenConfig:
     """When a shared prefix is worth its own attention part: g >= 2 sequences sharing P tokens,
     with (g - 1) * P >= min_saved_tokens, the prefix tokens whose K/V the grouped product saves
-    re-reading. Each part costs a dozen extra small ops per layer; on the 2-core CPU the
-    break-even measured in docs/benchmarks.md is a few hundred tokens. And the parts together
+    re-reading. Each part costs a dozen extra small ops per layer, so the break-even depends on
+    how cheap plain decode attention is: on the 2-core CPU it is ~512 tokens with PyTorch's
+    attention and ~3,000 with the fused C kernel (docs/benchmarks.md; the engine picks the
+    matching default, MIN_SAVED_TOKENS_*). And the parts together
     must save at least min_saved_fraction of the step's decode K/V reads: every row's own part
     is padded to the longest, so a few small groups in a batch of mostly unshared rows cost more
     than they save (8 rows, 2-3 sharing 256 tokens: 43 instead of 24 ms per step)."""
     min_saved_tokens: int = 512
     min_saved_fraction: float = 0.5
+
+
+MIN_SAVED_TOKENS_TORCH = 512  # break-even against PyTorch decode attention (and the simulator's default)
+MIN_SAVED_TOKENS_CPU_KERNELS = 3072  # against the fused C decode attention (ridgeline/kernels)
 
 
 @dataclass

@@ -113,6 +113,8 @@ def test_engine_with_and_without_kernels():
     for on in (False, True):
         llm = LLM(dtype="float32", max_model_len=512, kv_cache_memory="64MiB", cpu_kernels=on)
         assert (llm.engine.model.kernels is not None) == on
+        # Hydragen's default break-even follows the decode attention in use (docs/benchmarks.md)
+        assert llm.engine.hydragen.min_saved_tokens == (3072 if on else 512)
         runs[on] = llm.generate(prompts, params, use_tqdm=False)
         del llm
     for a, b in zip(runs[False], runs[True]):

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no shared-prefix (Hydragen) decode attention: every decode reads its whole context")
     e.add_argument("--hydragen-min-saved-tokens", type=int, default=_HYDRAGEN.min_saved_tokens,
                    help="use a prefix of P tokens shared by g decodes if (g-1)*P >= this "
-                        f"(default: {_HYDRAGEN.min_saved_tokens}, as the engine)")
+                        f"(default: {_HYDRAGEN.min_saved_tokens}, the engine's with PyTorch attention, as on GPUs; "
+                        "the engine with its fused CPU kernels uses 3072)")
     e.add_argument("--hydragen-min-saved-fraction", type=float, default=_HYDRAGEN.min_saved_fraction,
                    help="and only if the shared prefixes save this fraction of the decodes' full KV blocks "
                         f"(default: {_HYDRAGEN.min_saved_fraction}, as the engine)")

@@ -36,7 +36,7 @@ from .steptime import StepTimer
 from .workload import Workload
 
 POLICIES = ("colocated", "disaggregated")
-_HYDRAGEN = HydragenConfig()  # the engine's defaults
+_HYDRAGEN = HydragenConfig()  # the engine's defaults with PyTorch attention (GPUs; CPU: see hydragen.py)
 _STEP_END, _START, _TX_END, _ARRIVE = 0, 1, 2, 3
 
 
