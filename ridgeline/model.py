@@ -196,7 +196,7 @@ class Transformer:
             q = kern.rope_store(qk, qkv[:, qk_size:], positions, self.cos, self.sin, k_cache, v_cache,
                                 meta.slot_mapping, cfg.num_heads)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.attention_kernels)
-            x = kern.add_rms_norm(h, layer.post_norm, eps, layer.o(attn.view(t, cfg.q_size)))
+            x = kern.add_rms_norm(h, layer.post_norm, eps, layer.o(attn.reshape(t, cfg.q_size)))
             delta = layer.down(kern.silu_mul(layer.gate_up(x)))
         h, delta = h[logit_rows], delta[logit_rows]
         return self.lm_head(kern.add_rms_norm(h, self.norm, eps, delta)).float()

@@ -40,7 +40,7 @@ def test_real_q4_1_tensor_and_kernel():
 
 
 def test_int4_engine_matches_bf16_engine():
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5)
     prompts = ["The capital of France is", "def fibonacci(n):", "Mountains are"]
     runs = {}
     for q in ("none", "int4"):
@@ -56,8 +56,10 @@ def test_int4_engine_matches_bf16_engine():
         for a, b, tok, tok4 in zip(ref.outputs[0].logprobs, out.outputs[0].logprobs, ref.outputs[0].token_ids,
                                    out.outputs[0].token_ids):
             if tok4 != tok:
-                # greedy paths may part only at a near tie: both engines rank the two tokens
-                # within the logprob tolerance of each other; the continuations then differ
+                # greedy paths may part only at a near tie (bf16 logits tie exactly, even three
+                # ways): each engine has the other's token in its top 5, within the logprob
+                # tolerance of its own; the continuations then differ
+                assert tok4 in a and tok in b, (a, b)
                 assert abs(a[tok].logprob - a[tok4].logprob) < max_diff, (a, b)
                 assert abs(b[tok].logprob - b[tok4].logprob) < max_diff, (a, b)
                 break

@@ -84,15 +84,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class CpuKernels:
     """Typed wrappers over the compiled library; every tensor argument must be contiguous."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, path: str):
+        # Two handles on one library: PyDLL calls keep the GIL, CDLL calls release it. A kernel
+        # call takes microseconds; releasing and retaking the GIL around each of ~150 calls per
+        # step lets another Python thread (the server's HTTP thread) slip in and delay the step.
+        # Only the thread-split attention releases it, so its threads can run at once.
+        serial, parallel = ctypes.PyDLL(path), ctypes.CDLL(path)
         self._fns = {}
         for name, args in _SIGNATURES.items():
             for dtype, suffix in _SUFFIX.items():
-                fn = getattr(lib, f"rl_{name}_{suffix}")
-                fn.argtypes, fn.restype = args, None
-                self._fns[name, dtype] = fn
-        lib.rl_decode_attention_max_heads.restype = ctypes.c_int64
-        self.max_attention_heads = lib.rl_decode_attention_max_heads()
+                for lib, key in ((serial, (name, dtype)), (parallel, (name, dtype, "nogil"))):
+                    fn = getattr(lib, f"rl_{name}_{suffix}")
+                    fn.argtypes, fn.restype = args, None
+                    self._fns[key] = fn
+        serial.rl_decode_attention_max_heads.restype = ctypes.c_int64
+        self.max_attention_heads = serial.rl_decode_attention_max_heads()
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -134,7 +140,8 @@ class CpuKernels:
         hkv, lk = k_cache.shape[1], slots.shape[1]
         out = torch.empty_like(q, dtype=torch.float32 if with_lse else q.dtype)
         lse = torch.empty(b, hq, dtype=torch.float32) if with_lse else None
-        fn = self._fns["decode_attention", q.dtype]
+        parts = min(torch.get_num_threads(), b, 1 + b * lk // PARALLEL_MIN_KEYS)
+        fn = self._fns["decode_attention", q.dtype] if parts <= 1 else self._fns["decode_attention", q.dtype, "nogil"]
 
         def rows(start: int, stop: int) -> None:
             fn(q[start].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots[start].data_ptr(),
@@ -142,8 +149,7 @@ class CpuKernels:
                None if lse is None else lse[start].data_ptr())
 
         # Each row is computed the same way whichever split it falls in, so splitting the rows
-        # over threads (ctypes releases the GIL) changes speed, not results.
-        parts = min(torch.get_num_threads(), b, 1 + b * lk // PARALLEL_MIN_KEYS)
+        # over threads changes speed, not results.
         if parts <= 1:
             rows(0, b)
         else:
@@ -169,7 +175,7 @@ def load_cpu_kernels() -> CpuKernels | None:
         return None
     from ..tokenizer import cache_dir
     try:
-        return CpuKernels(ctypes.CDLL(str(_compile(compiler, cache_dir() / "kernels"))))
+        return CpuKernels(str(_compile(compiler, cache_dir() / "kernels")))
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.warning("fused CPU kernels unavailable (%s %s); running PyTorch ops", e, detail.decode()[-500:])

@@ -169,8 +169,9 @@ void rl_rope_store_bf16(const void *qk, int64_t qk_stride, const void *v, int64_
    lse (float32 [b, hq]) is given: Hydragen merges the parts in float32 by their log-sum-exps. */
 #define MAX_HEADS 256 /* query heads */
 
-/* q . k over d values: 16 float partial sums (vectorisable without reassociating a scalar
-   reduction), or two bf16 dot-product instructions per 32 values where the CPU has them. */
+/* q . k over d values: with AVX-512, bf16 pair dot products (AVX512-BF16) or float32 FMAs into
+   one vector, reduced once; otherwise 16 float partial sums, which the compiler vectorises
+   without reassociating a scalar reduction. */
 INLINE float dot_qk(const float *qf, const uint16_t *qb, const void *k, int64_t kb, int64_t d, int bf) {
 #if defined(__AVX512BF16__)
     if (bf && d % 32 == 0) {

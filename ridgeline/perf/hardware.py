@@ -146,14 +146,15 @@ REGISTRY: dict[str, HardwareSpec] = {s.name: s for s in (
          "Apple M2 Ultra (76-core GPU): 800 GB/s unified memory, up to 192 GB (Apple newsroom, June 2023); "
          "FP32 27.2 TFLOPS = 76 cores x 128 lanes x 2 x 1.4 GHz; Metal runs FP16/BF16 at the FP32 rate"),
     HardwareSpec(
-        name="epyc-2c", peak_flops={"float32": 171.6e9, "bfloat16": 683.4e9},
-        memory_bandwidth=58.9 * GB, memory_capacity=24 * GiB,
-        compute_efficiency=0.753, memory_efficiency=0.478,
-        attention_compute_efficiency=0.272, attention_memory_efficiency=0.2067,
-        shared_prefix_efficiency=0.900, op_overhead_s=5.47e-06,
-        step_overhead_s=0.00165, seq_overhead_s=1.16e-05,
+        name="epyc-2c", peak_flops={"float32": 200.4e9, "bfloat16": 500.2e9},
+        memory_bandwidth=72.8 * GB, memory_capacity=24 * GiB,
+        compute_efficiency=1.113, memory_efficiency=0.721,
+        attention_compute_efficiency=0.254, attention_memory_efficiency=0.2112,
+        shared_prefix_efficiency=0.596, op_overhead_s=5.19e-06,
+        step_overhead_s=0.00172, seq_overhead_s=1.08e-05,
         calibrated={"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "bfloat16", "samples": 10,
-                    "holdout_mape": 7.7, "holdout_shapes": 46, "date": "2026-11-23"},
+                    "holdout_mape": 8.2, "holdout_shapes": 46, "date": "2026-11-23",
+                    "engine": "fused CPU kernels"},
         source="ridgeline's CI VM (2 AMD EPYC cores, AVX-512 BF16): peaks from `ridgeline perf probe`, "
                "efficiencies and overheads from `ridgeline perf calibrate` (ridgeline's engine), 2026-11-23"),
 )}
