@@ -5,6 +5,8 @@ matrix each; rotary embedding is applied to q and k in one op on the fused outpu
 cos/sin are looked up once per step; logits are computed only for rows that need them;
 on CPU, bfloat16 and float32 weights are pre-packed for oneDNN, whose kernels read them
 ~2x faster than the plain layout at batch 1 (for the 49k x 576 lm_head: 44 vs 15 GB/s in float32).
+On CPU, the per-layer elementwise work and decode attention run as fused C kernels when they
+build (ridgeline/kernels; forward() then takes _forward_fused); the PyTorch ops are the fallback.
 """
 
 from __future__ import annotations

@@ -93,7 +93,10 @@ class CpuKernels:
         self._fns = {}
         for name, args in _SIGNATURES.items():
             for dtype, suffix in _SUFFIX.items():
-                for lib, key in ((serial, (name, dtype)), (parallel, (name, dtype, "nogil"))):
+                handles = [(serial, (name, dtype))]
+                if name == "decode_attention":
+                    handles.append((parallel, (name, dtype, "nogil")))
+                for lib, key in handles:
                     fn = getattr(lib, f"rl_{name}_{suffix}")
                     fn.argtypes, fn.restype = args, None
                     self._fns[key] = fn

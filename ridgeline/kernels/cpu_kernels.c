@@ -4,8 +4,8 @@
    where those ops round (every bfloat16 intermediate the PyTorch path stores is rounded here
    too), so the two paths agree to a bfloat16 ulp and exactly in structure. Tensors are
    float32 (bf = 0) or bfloat16 (bf = 1) and contiguous unless a row stride is given; every
-   exported function is single-threaded (ctypes releases the GIL, so Python threads can run
-   two calls at once). Compiled at first use with -O3 -march=native -fopenmp-simd: the `omp
+   exported function is single-threaded (the loader calls decode attention through a handle
+   that releases the GIL when it splits a step's rows over Python threads). Compiled at first use with -O3 -march=native -fopenmp-simd: the `omp
    simd` pragmas let the compiler vectorise float reductions without -ffast-math. */
 
 #include <math.h>
