@@ -15,6 +15,8 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
+from .config import QUANTIZATION_MODES
+
 EXIT_USAGE = 2
 # Exceptions that mean "the input was wrong": SamplingParams, EngineConfig, LLM and the
 # loader raise these with messages that name the offending field or path.
@@ -59,9 +61,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's context length)")
     g.add_argument("--kv-cache-memory", default="2GiB", help="KV cache budget, e.g. 512MiB, 2GiB (default: 2GiB)")
-    g.add_argument("--quantization", default="none", choices=["none", "int4"],
-                   help="int4: decode with a GGUF's Q4_0/Q4_1 weights kept 4-bit (bfloat16 on CPU; faster decode, "
-                        "more memory: wide steps use a bf16 copy); none (default): dequantize")
+    g.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_MODES),
+                   help="auto (default): a GGUF's quantized weights stay in their formats (Q4_0/1, Q5_0/1, Q8_0, "
+                        "Q4_K, Q5_K, Q6_K); none: dequantize to --dtype; q8_0 / q4_0 / q4_k: also quantize dense "
+                        "weights (Hugging Face checkpoints) to that format at load")
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
                         "use with the system C compiler (default: on; off = PyTorch ops only)")

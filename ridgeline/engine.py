@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from .attention import build_metadata
-from .config import ModelConfig
+from .config import QUANTIZATION_MODES, ModelConfig
 from .cpu_memory import reuse_freed_memory
+from .kernels import native_bf16
 from .hydragen import MIN_SAVED_TOKENS_CPU_KERNELS, MIN_SAVED_TOKENS_TORCH, HydragenConfig
 from .kv_cache import BlockManager, CacheConfig, KVCachePool, parse_memory_size
 from .loader import load_checkpoint
@@ -35,23 +36,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bfloat16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' -> bfloat16 where the hardware computes it natively (half the bytes per decoded
     token, and decode is memory-bound), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda" or cpu_has_bf16():
+        if device.type == "cuda" or native_bf16():
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
@@ -80,9 +71,10 @@ class EngineConfig:
     # break-even for the decode attention in use (hydragen.MIN_SAVED_TOKENS_*: 3072 with the
     # fused CPU kernels, else 512)
     hydragen_min_saved_tokens: int | None = None
-    # "int4": a GGUF's Q4_0/Q4_1 linear weights also stay 4-bit, for decode steps of <= 4 tokens
-    # (bfloat16 on CPU; wider steps use a bf16 copy, so it costs memory). "none": dequantize.
-    quantization: str = "none"
+    # "auto": a GGUF's block-quantized matrices stay in their formats (CPU; dequantized on GPU);
+    # "none": dequantize them to `dtype` (the reference path); "q8_0" / "q4_0" / "q4_k": also
+    # quantize dense matrices (Hugging Face checkpoints) to that format at load.
+    quantization: str = "auto"
     # fused C kernels for the per-layer elementwise work on CPU (ridgeline/kernels; compiled at
     # first use, skipped without a C compiler). False: PyTorch ops only.
     cpu_kernels: bool = True
@@ -94,8 +86,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.hydragen_min_saved_tokens is not None and self.hydragen_min_saved_tokens < 1:
             raise ValueError(f"hydragen_min_saved_tokens must be >= 1, got {self.hydragen_min_saved_tokens}")
-        if self.quantization not in ("none", "int4"):
-            raise ValueError(f"quantization must be 'none' or 'int4', got {self.quantization!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                             f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -113,11 +106,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             reuse_freed_memory()
 
-        int4 = config.quantization == "int4"
-        if int4 and (self.dtype != torch.bfloat16 or self.device.type != "cpu"):
-            raise ValueError(f"quantization='int4' runs in bfloat16 on CPU; got dtype {config.dtype!r} "
-                             f"({self.dtype}) on {self.device}")
-        ckpt = load_checkpoint(config.model, keep_int4=int4)
+        ckpt = load_checkpoint(config.model, self.dtype, config.quantization)
         self.model_path = ckpt.path
         self.model_config: ModelConfig = ckpt.config
         self.tokenizer = load_tokenizer(ckpt.path)

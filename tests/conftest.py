@@ -1,4 +1,5 @@
-"""Shared fixtures: the default model loaded once per test session (float32, the reference dtype)."""
+"""Shared fixtures: the default model loaded once per test session (float32 with dequantized
+weights: the reference path that transformers' GGUF loader matches)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="session")
 def llm_fp32() -> LLM:
-    return LLM(dtype="float32", max_model_len=2048, kv_cache_memory="512MiB")
+    return LLM(dtype="float32", max_model_len=4096, kv_cache_memory="512MiB", quantization="none")
 
 
 @pytest.fixture(scope="session")

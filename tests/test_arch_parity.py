@@ -13,7 +13,7 @@ import torch
 
 from ridgeline import LLM, SamplingParams
 from ridgeline.loader import default_model_path
-from ridgeline.tokenizer import file_digest, load_tokenizer
+from ridgeline.tokenizer import tokenizer_digest, load_tokenizer
 
 from .tiny_models import (VARIANTS, VOCAB, build_model, hf_greedy, read_tokenizer_metadata, save_checkpoint,
                           write_gguf)
@@ -56,14 +56,14 @@ def tiny(tmp_path_factory, tokenizer, prompts):
 @pytest.fixture(scope="module")
 def gguf_cache(tmp_path_factory, tokenizer):
     """A private RIDGELINE_CACHE_DIR. `register(path)` stores the default model's (already converted)
-    tokenizer under the GGUF's digest, so ridgeline skips the ~10 s vocabulary conversion: the tiny
+    tokenizer under the GGUF's tokenizer digest, so ridgeline skips the ~10 s vocabulary conversion: the tiny
     GGUFs carry the default model's tokenizer metadata verbatim."""
     root = tmp_path_factory.mktemp("ridgeline_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RIDGELINE_CACHE_DIR", str(root))
 
         def register(path):
-            tokenizer.save_pretrained(str(root / "tokenizers" / file_digest(path)))
+            tokenizer.save_pretrained(str(root / "tokenizers" / tokenizer_digest(path)))
             return path
 
         yield register

@@ -186,8 +186,11 @@ def test_plan_cli(tmp_path, capsys):
 
 
 def test_calibrate_then_plan_local(tmp_path):
-    """A short calibration (4 samples, no held-out grid) saves `local`; plan --hardware local uses it."""
+    """A short calibration (4 samples, no held-out grid) saves this machine's spec under
+    local-<CPU model>-<ISA>, priced by the weights' stored format; plan --hardware local uses it."""
     import os
+
+    from ridgeline.perf.hardware import local_spec_name
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     cal = _cli("perf", "calibrate", "--samples", "4", "--repeats", "1", "--no-holdout", "--json", env=env)
@@ -196,11 +199,13 @@ def test_calibrate_then_plan_local(tmp_path):
     assert len(report["samples"]) == 4 and report["mape"] is None
     assert all(s["measured_ms"] > 0 and s["predicted_ms"] > 0 for s in report["samples"])
     assert math.isfinite(report["fit_mape"])
-    saved = json.loads((tmp_path / "ridgeline" / "hardware" / "local.json").read_text())
-    assert saved["calibrated"]["samples"] == 4
+    name = local_spec_name()
+    assert name.startswith("local-") and name.endswith(("-avx512", "-avx2", "-scalar"))
+    saved = json.loads((tmp_path / "ridgeline" / "hardware" / f"{name}.json").read_text())
+    assert saved["calibrated"]["samples"] == 4 and saved["calibrated"]["weight_dtype"] == "q4_1"
     plan = _cli("plan", "--hardware", "local", "--json", env=env)
     assert plan.returncode == 0, plan.stderr
-    assert json.loads(plan.stdout)["hardware"] == "local"
+    assert json.loads(plan.stdout)["hardware"] == name and json.loads(plan.stdout)["weight_dtype"] == "q4_1"
     bad = _cli("perf", "calibrate", "--samples", "11", env=env)
     assert bad.returncode == 2 and "--samples must be in [1, 10]" in bad.stderr
 
@@ -228,3 +233,18 @@ def test_calibration_shared_prefix_shapes_run_the_engines_hydragen_parts(monkeyp
         parts.clear()
         timer.run_step(shape)
         assert parts == [len(shape.shared_prefixes)], label
+
+
+def test_gguf_formats_priced_by_their_bytes_per_weight():
+    """Q4_K is 144 bytes per 256 weights (4.5 bits), Q6_K 210 / 256, Q8_0 34 / 32; a GGUF is planned
+    with the format holding most of its matrix bytes (the default model: Q4_1), as the engine keeps it."""
+    from ridgeline.loader import stored_weight_format
+
+    f32 = weight_bytes(TOY, "float32")
+    for fmt, bits in (("q4_k", 4.5), ("q6_k", 6.5625), ("q8_0", 8.5), ("q4_1", 5.0), ("q5_k", 5.5)):
+        assert weight_bytes(TOY, fmt) == pytest.approx(f32 * bits / 32)
+    assert stored_weight_format(None) == "q4_1"
+    q = _ops(StepShape.decode(1, 7), dtype="float32", weight_dtype="q4_k")
+    dense = _ops(StepShape.decode(1, 7), dtype="float32")
+    assert q["qkv_proj"][0] == dense["qkv_proj"][0]
+    assert q["qkv_proj"][1] == pytest.approx(dense["qkv_proj"][1] - 2 * 128 * (4 - 0.5625))

@@ -1,4 +1,8 @@
-"""Automatic prefix caching, Hydragen and parallel-sampling forks: same outputs, shared blocks, no leaks."""
+"""Automatic prefix caching, Hydragen and parallel-sampling forks: same outputs, shared blocks, no leaks.
+
+Exact equality is checked on dequantized float32 weights (quantization="none"): with block-quantized
+weights the activations are rounded to 8 bits, so a float-summation-order change elsewhere (another
+chunking of the same prompt) can flip a rounding; test_quantized_engine.py checks that path."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def token_ids(outs) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def uncached():
     """Reference engine with prefix caching and Hydragen off."""
-    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False,
+    llm = LLM(dtype="float32", quantization="none", max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False,
               enable_hydragen=False)
     return llm, token_ids(llm.generate(MIXED, GREEDY, use_tqdm=False))
 
@@ -43,7 +47,7 @@ def test_prefix_caching_and_hydragen_give_identical_outputs(uncached):
     ref_llm, reference = uncached
     assert ref_llm.engine.stats["prefix_cache_hits"] == 0 and ref_llm.engine.stats["hydragen_steps"] == 0
     # the PyTorch-attention break-even, low enough for these ~300-token shared prompts to engage Hydragen
-    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_memory="256MiB", hydragen_min_saved_tokens=512)
+    llm = LLM(dtype="float32", quantization="none", max_model_len=1024, kv_cache_memory="256MiB", hydragen_min_saved_tokens=512)
     first = llm.generate(MIXED, GREEDY, use_tqdm=False)
     stats = llm.engine.stats
     assert stats["hydragen_steps"] > 0, "the six system-prompt requests should decode with a shared prefix"
@@ -62,7 +66,7 @@ def test_prefix_caching_and_hydragen_give_identical_outputs(uncached):
 def test_eviction_under_memory_pressure_keeps_outputs(uncached):
     _, reference = uncached
     # 32 blocks of 16 tokens: about two of these prompts with their outputs at once.
-    llm = LLM(dtype="float32", max_model_len=512, num_kv_blocks=32, max_num_seqs=4)
+    llm = LLM(dtype="float32", quantization="none", max_model_len=512, num_kv_blocks=32, max_num_seqs=4)
     for _ in range(2):
         assert token_ids(llm.generate(MIXED, GREEDY, use_tqdm=False)) == reference
     alloc = llm.engine.block_manager.allocator
@@ -82,7 +86,7 @@ def test_eviction_under_memory_pressure_keeps_outputs(uncached):
 
 
 def test_n16_forks_share_the_prompt_blocks():
-    llm = LLM(dtype="float32", max_model_len=2048, kv_cache_memory="256MiB")
+    llm = LLM(dtype="float32", quantization="none", max_model_len=2048, kv_cache_memory="256MiB")
     engine = llm.engine
     tok = llm.get_tokenizer()
     tail = tok.encode(" Now write something completely different, a list of your own favourite things:")

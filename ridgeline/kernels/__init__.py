@@ -1,4 +1,4 @@
-"""Fused CPU kernels in C for the decode hot path, compiled at first use and called via ctypes.
+"""CPU kernels in C, compiled at first use for the CPU's instruction set and called via ctypes.
 
 A batch-1 decode step of a small model is mostly small ATen ops: each costs 1-10 us of
 dispatch and allocation on this class of CPU whatever its size, and F.rms_norm alone is a
@@ -8,9 +8,14 @@ write, and paged decode attention that reads K/V through the slot table instead 
 a dense copy first. Each rounds where the PyTorch ops it replaces round, so outputs agree with
 the PyTorch path to a bfloat16 ulp (float32: to float rounding).
 
-The source is compiled once with the system C compiler ($CC, else cc) into the cache directory,
-keyed by the source, the flags and the CPU's feature flags (-march=native). Without a compiler,
-or with RIDGELINE_CPU_KERNELS=0, the model runs its PyTorch ops instead."""
+quant_kernels.c multiplies by GGUF block-quantized weights in their own layout (see there).
+
+The sources are compiled once with the system C compiler ($CC, else cc) into the cache directory,
+keyed by the sources, the flags and the CPU's feature flags, in one of three variants chosen at
+run time from what the CPU reports: "avx512" (-march=native on a CPU with AVX-512 F/BW/DQ/VL),
+"avx2" (x86-64-v3: AVX2, FMA, F16C) or "scalar" (portable C). RIDGELINE_CPU_ISA=scalar|avx2|avx512
+forces one (an error if the CPU lacks it). Without a compiler, or with RIDGELINE_CPU_KERNELS=0,
+the model runs its PyTorch ops instead (and quantized weights need the kernels: see quant.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +35,14 @@ import torch
 
 log = logging.getLogger("ridgeline")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.c", "quant_kernels.c")]
+HEADERS = [Path(__file__).with_name("common.h")]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: the runtime torch loads (libgomp.so.1)
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+             "scalar": ["-march=x86-64", "-mtune=generic"] if platform.machine() in ("x86_64", "AMD64") else []}
+# CPU feature flags (/proc/cpuinfo names) each variant needs
+ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"},
+             "avx2": {"avx2", "fma", "f16c"}, "scalar": set()}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -41,6 +52,11 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _I, _I],
     "rope_store": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P],
     "decode_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P],
+}
+_C = ctypes.c_int
+_QUANT_SIGNATURES = {  # no dtype suffix: the dtype is an argument
+    "quant_matmul": [_C, _P, _I, _I, _P, _I, _C, _P, _P, _I],
+    "dequant_rows": [_C, _P, _I, _P, _I, _P, _C],
 }
 
 
@@ -54,25 +70,58 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="ridgeline-kernels")
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return ""
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def _compile(compiler: str, out_dir: Path) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine(), _cpu_flags()])
+def supported_isas() -> list[str]:
+    """The kernel variants this CPU can run, best first."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return [isa for isa in ("avx512", "avx2", "scalar") if isa == "scalar" or (x86 and ISA_NEEDS[isa] <= cpu_flags())]
+
+
+def cpu_isa() -> str:
+    """The variant in use: RIDGELINE_CPU_ISA if set (checked against the CPU), else the best."""
+    forced = os.environ.get("RIDGELINE_CPU_ISA", "").strip().lower()
+    have = supported_isas()
+    if not forced:
+        return have[0]
+    if forced not in ISA_FLAGS:
+        raise ValueError(f"RIDGELINE_CPU_ISA must be one of {', '.join(ISA_FLAGS)}, got {forced!r}")
+    if forced not in have:
+        missing = sorted(ISA_NEEDS[forced] - cpu_flags())
+        raise ValueError(f"RIDGELINE_CPU_ISA={forced}: this CPU lacks {', '.join(missing) or 'x86-64'}; "
+                         f"it supports {', '.join(have)}")
+    return forced
+
+
+def native_bf16() -> bool:
+    """True where the kernels in use have bfloat16 dot products in hardware (AVX512-BF16 or AMX):
+    dtype "auto" computes in bfloat16 only there (elsewhere bf16 matmuls are emulated and slower
+    than float32)."""
+    return cpu_isa() == "avx512" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def _compile(compiler: str, isa: str, out_dir: Path) -> Path:
+    flags = [*FLAGS, *ISA_FLAGS[isa]]
+    blob = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(blob + " ".join([compiler, *flags, platform.machine(), *sorted(cpu_flags())])
                          .encode()).hexdigest()[:16]
-    lib = out_dir / f"cpu_kernels-{key}.so"
+    lib = out_dir / f"kernels-{isa}-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         built = Path(tmp) / lib.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"], check=True,
+                       capture_output=True, timeout=300)
         os.replace(built, lib)  # atomic: concurrent processes never load a half-written file
     return lib
 
@@ -84,7 +133,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class CpuKernels:
     """Typed wrappers over the compiled library; every tensor argument must be contiguous."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, isa: str):
+        self.isa = isa
         # Two handles on one library: PyDLL calls keep the GIL, CDLL calls release it. A kernel
         # call takes microseconds; releasing and retaking the GIL around each of ~150 calls per
         # step lets another Python thread (the server's HTTP thread) slip in and delay the step.
@@ -100,6 +150,10 @@ class CpuKernels:
                     fn = getattr(lib, f"rl_{name}_{suffix}")
                     fn.argtypes, fn.restype = args, None
                     self._fns[key] = fn
+        for name, args in _QUANT_SIGNATURES.items():
+            fn = getattr(parallel, f"rl_{name}")  # these release the GIL: their threads are OpenMP's
+            fn.argtypes, fn.restype = args, None
+            self._fns[name] = fn
         serial.rl_decode_attention_max_heads.restype = ctypes.c_int64
         self.max_attention_heads = serial.rl_decode_attention_max_heads()
 
@@ -163,23 +217,49 @@ class CpuKernels:
                 f.result()
         return (out, lse) if with_lse else out
 
+    def quant_matmul(self, fmt: int, weight: torch.Tensor, out_features: int, in_features: int, x: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] (float32 or bfloat16, contiguous) @ W^T for W of GGUF format id `fmt` in its
+        block layout (uint8 [N, row bytes]); returns [M, N] in x's dtype (+ bias, x's dtype)."""
+        y = x.new_empty(x.shape[0], out_features)
+        self._fns["quant_matmul"](fmt, weight.data_ptr(), out_features, in_features, x.data_ptr(), x.shape[0],
+                                  int(x.dtype == torch.bfloat16), _ptr(bias), y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def dequant_rows(self, fmt: int, weight: torch.Tensor, in_features: int, ids: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` (int64, contiguous) of a block-quantized weight as float32 or bfloat16."""
+        out = torch.empty(ids.shape[0], in_features, dtype=dtype)
+        self._fns["dequant_rows"](fmt, weight.data_ptr(), in_features, ids.data_ptr(), ids.shape[0], out.data_ptr(),
+                                  int(dtype == torch.bfloat16))
+        return out
+
     def handles_attention(self, num_heads: int) -> bool:
         return num_heads <= self.max_attention_heads
 
 
-@functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
-    """The compiled kernels, or None (no compiler, a failed build, or RIDGELINE_CPU_KERNELS=0)."""
+    """The compiled kernels of the variant in use (cpu_isa()), or None (no compiler, a failed
+    build, or RIDGELINE_CPU_KERNELS=0). Raises ValueError for a RIDGELINE_CPU_ISA this CPU
+    cannot run."""
     if os.environ.get("RIDGELINE_CPU_KERNELS", "1") == "0":
         return None
+    return kernels_for(cpu_isa())
+
+
+@functools.cache
+def kernels_for(isa: str) -> CpuKernels | None:
+    """The kernels built for one variant (tests compare every variant the CPU supports)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: the fused CPU kernels are off (set CC to enable them)")
+        log.warning("no C compiler found: the CPU kernels are off (set CC to enable them)")
         return None
     from ..tokenizer import cache_dir
     try:
-        return CpuKernels(str(_compile(compiler, cache_dir() / "kernels")))
+        kernels = CpuKernels(str(_compile(compiler, isa, cache_dir() / "kernels")), isa)
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.warning("fused CPU kernels unavailable (%s %s); running PyTorch ops", e, detail.decode()[-500:])
+        log.warning("CPU kernels unavailable (%s %s); running PyTorch ops", e, detail.decode()[-500:])
         return None
+    log.info("CPU kernels: %s variant", isa)
+    return kernels

@@ -8,42 +8,12 @@
    that releases the GIL when it splits a step's rows over Python threads). Compiled at first use with -O3 -march=native -fopenmp-simd: the `omp
    simd` pragmas let the compiler vectorise float reductions without -ffast-math. */
 
-#include <math.h>
-#include <stdint.h>
+#include <stdlib.h>
+
+#include "common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <stdlib.h>
-#include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-INLINE float load(const void *p, int64_t i, int bf) {
-    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-INLINE void store(void *p, int64_t i, float v, int bf) {
-    if (bf) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
-/* The value an op with output dtype bf/f32 would have stored. */
-INLINE float round_to(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 /* exp(x) for x <= ~88 (Cephes' expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp);
    written out so that loops over it vectorise. Returns 0 below -87. */

@@ -263,7 +263,7 @@ class CalibrationResult:
                 "samples": rows(self.samples), "holdout": rows(self.holdout)}
 
 
-def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto", name: str = "local",
+def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto", name: str | None = None,
               num_samples: int = 10, holdout: bool = True, repeats: int = REPEATS,
               base: HardwareSpec | None = None) -> CalibrationResult:
     """Probe (unless `base` is given), time `num_samples` calibration steps, fit, and measure the
@@ -272,13 +272,18 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
         raise ValueError(f"num_samples must be in [1, {len(CALIBRATION_SHAPES)}], got {num_samples}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    from ..loader import stored_weight_format
+    from .hardware import local_spec_name
     from .probe import probe
 
+    name = name or local_spec_name()
     shapes = CALIBRATION_SHAPES[:num_samples] + (holdout_grid() if holdout else [])
     kv_tokens = max(sum(w.context_len + w.new_tokens + 16 for w in shape.seqs) for _, shape in shapes)
     timer = EngineStepTimer(model, dtype, device, kv_tokens=kv_tokens, repeats=repeats)
     spec = dataclasses.replace(base, name=name) if base is not None else probe(name, device)
-    perf_args = {"model": timer.engine.model_config, "options": {"dtype": timer.dtype}}
+    # the engine keeps a GGUF's blocks (quantization "auto"): price the weights as stored
+    weight_dtype = stored_weight_format(timer.engine.model_path) if timer.engine.config.quantization != "none" else None
+    perf_args = {"model": timer.engine.model_config, "options": {"dtype": timer.dtype, "weight_dtype": weight_dtype}}
     # Held-out shapes are timed in the same rounds as the calibration samples (so drift of a
     # shared machine hits both alike) but never enter the fit.
     measured = timer.measure(shapes)
@@ -287,6 +292,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     fit_mape = predict(fitted, perf_args, samples)
     mape = predict(fitted, perf_args, held) if held else None
     fitted.calibrated = {"model": str(timer.engine.model_path.name), "dtype": timer.dtype,
+                         "weight_dtype": weight_dtype or timer.dtype,
                          "samples": num_samples, "fit_mape": round(fit_mape, 2),
                          "holdout_mape": None if mape is None else round(mape, 2), "holdout_shapes": len(held),
                          "date": time.strftime("%Y-%m-%d")}

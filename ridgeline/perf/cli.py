@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from .hardware import DTYPE_BYTES, HardwareSpec, available_specs, load_spec, save_spec
+from .hardware import (DTYPE_BYTES, GGUF_FORMAT_BYTES, HardwareSpec, available_specs, load_spec, local_spec_name,
+                       save_spec)
 
-PERF_DTYPES = [d for d in DTYPE_BYTES if d not in ("int4", "int8", "fp8")]  # compute dtypes
+PERF_DTYPES = ["float32", "bfloat16", "float16"]  # compute dtypes
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="local", help="save the spec under this name (default: local)")
+    p.add_argument("--name", default=None,
+                   help="save the spec under this name (default: local-<device model>, what --hardware local reads)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="small problems, a few seconds (less accurate)")
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
@@ -23,7 +25,9 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="engine dtype (default: auto, as the engine)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--name", default="local", help="save the calibrated spec under this name (default: local)")
+    p.add_argument("--name", default=None,
+                   help="save the calibrated spec under this name (default: local-<device model>, what "
+                        "--hardware local reads)")
     p.add_argument("--samples", type=int, default=10, help="calibration steps to time, 1-10 (default: 10)")
     p.add_argument("--repeats", type=int, default=5, help="timings per step, the fastest counts (default: 5)")
     p.add_argument("--no-holdout", action="store_true",
@@ -39,7 +43,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         "calibrated spec, or a spec .json file (default: local)")
     p.add_argument("--dtype", default="bfloat16", choices=PERF_DTYPES, help="compute dtype (default: bfloat16)")
     p.add_argument("--weight-dtype", default=None, choices=list(DTYPE_BYTES),
-                   help="weight storage dtype if not the compute dtype, e.g. int4 or fp8")
+                   help="weight storage dtype or GGUF format (default: a GGUF's own main format, as the engine "
+                        f"keeps it: {', '.join(GGUF_FORMAT_BYTES)}; else the compute dtype)")
     p.add_argument("--kv-dtype", default=None, choices=list(DTYPE_BYTES),
                    help="KV-cache dtype (default: the compute dtype)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: 512)")
@@ -57,7 +62,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def run_probe(args: argparse.Namespace) -> int:
     from .probe import probe
 
-    spec = probe(args.name, args.device, quick=args.quick)
+    spec = probe(args.name or local_spec_name(), args.device, quick=args.quick)
     path = save_spec(spec)
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
@@ -98,11 +103,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def build_perf_model(args: argparse.Namespace):
     """The PerfModel named by --model, --hardware, --dtype, --weight-dtype and --kv-dtype."""
-    from ..loader import load_model_config
+    from ..loader import load_model_config, stored_weight_format
     from .predictor import PerfModel
 
     spec = load_spec(args.hardware)
-    return PerfModel(load_model_config(args.model), spec, args.dtype, args.weight_dtype,
+    weight_dtype = args.weight_dtype or stored_weight_format(args.model)
+    return PerfModel(load_model_config(args.model), spec, args.dtype, weight_dtype,
                      args.kv_dtype, block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens)
 
 

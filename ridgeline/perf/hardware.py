@@ -22,8 +22,12 @@ GB = 1e9
 GiB = 1 << 30
 
 # Bytes per element of the dtypes the model can be asked about (int4: 4 bits plus an fp16
-# scale per group of 32, as in Q4_0-like formats).
-DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5625}
+# scale per group of 32, as in Q4_0-like formats), and of the GGUF block formats ridgeline keeps
+# as they are (bytes per block / weights per block: Q4_K 144 / 256 = 4.5 bits, Q6_K 6.5625 ...).
+GGUF_FORMAT_BYTES = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32, "q8_0": 34 / 32,
+                     "q4_k": 144 / 256, "q5_k": 176 / 256, "q6_k": 210 / 256}
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5625,
+               **GGUF_FORMAT_BYTES}
 
 
 class HardwareSpecError(ValueError):
@@ -165,6 +169,34 @@ def spec_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ridgeline" / "hardware"
 
 
+def local_spec_name() -> str:
+    """The name this machine's probed or calibrated spec is saved under: 'local-' and the device
+    model (the CPU's model name and kernel ISA, or the GPU's name), so a spec fitted on one
+    machine is never silently used on another. `--hardware local` means this name."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "local-" + _slug(torch.cuda.get_device_name())
+    except ImportError:
+        pass
+    from ..kernels import cpu_isa
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.partition(":")[2] for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"local-{_slug(model or platform.processor() or platform.machine())}-{cpu_isa()}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "unknown"
+
+
 def save_spec(spec: HardwareSpec, path: Path | None = None) -> Path:
     path = path or spec_dir() / f"{spec.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,12 +213,15 @@ def load_spec(name_or_path: str) -> HardwareSpec:
         if not path.is_file():
             raise HardwareSpecError(f"hardware spec file {str(path)!r} does not exist")
     else:
+        local = name_or_path == "local"
+        if local:
+            name_or_path = local_spec_name()
         path = spec_dir() / f"{name_or_path}.json"
         if not path.is_file():
             if name_or_path in REGISTRY:
                 return HardwareSpec.from_dict(REGISTRY[name_or_path].to_dict())
-            hint = ("; run `ridgeline perf calibrate` (or `ridgeline perf probe`) first"
-                    if name_or_path == "local" else "")
+            hint = (f"; 'local' is this machine's spec, {name_or_path!r}: run `ridgeline perf calibrate` "
+                    "(or `ridgeline perf probe`) first" if local else "")
             raise HardwareSpecError(f"unknown hardware {name_or_path!r}; known: "
                                     f"{', '.join(available_specs())}{hint}")
     try:
