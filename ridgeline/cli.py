@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MemoryError, *USER_ERRORS) as exc:
         if os.environ.get("RIDGELINE_DEBUG"):
             raise
-        if isinstance(exc, MemoryError):
-            _fail(f"out of memory ({exc}); lower --kv-cache-memory or --max-model-len", status=1)
+        if isinstance(exc, MemoryError):  # the engine's OutOfMemory says what ran out and what to change
+            _fail(str(exc) if str(exc).startswith("out of memory") else f"out of memory ({exc})", status=1)
         _fail(exc)
 
 

@@ -7,6 +7,7 @@ text / stop conditions, and returns the outputs of requests that changed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -93,6 +94,23 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
+class OutOfMemory(MemoryError):
+    """Memory ran out while building the engine; the message says what was being allocated and
+    what to change."""
+
+
+@contextlib.contextmanager
+def _out_of_memory(what: str, advice: str):
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeError
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower() and "out of memory" not in str(exc).lower():
+            raise
+        raise OutOfMemory(f"out of memory while {what}: {advice}") from exc
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -106,12 +124,15 @@ class LLMEngine:
         if self.device.type == "cpu":
             reuse_freed_memory()
 
-        ckpt = load_checkpoint(config.model, self.dtype, config.quantization)
-        self.model_path = ckpt.path
-        self.model_config: ModelConfig = ckpt.config
-        self.tokenizer = load_tokenizer(ckpt.path)
-        self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels)
-        del ckpt
+        with _out_of_memory("loading the model's weights",
+                            f"use a smaller quantization (a Q4_K_M file, or --quantization q4_k for a "
+                            f"Hugging Face checkpoint; now {config.quantization!r}) or a smaller model"):
+            ckpt = load_checkpoint(config.model, self.dtype, config.quantization)
+            self.model_path = ckpt.path
+            self.model_config: ModelConfig = ckpt.config
+            self.tokenizer = load_tokenizer(ckpt.path)
+            self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels)
+            del ckpt
 
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -128,7 +149,10 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * bs} tokens ({num_blocks} blocks of {bs}), fewer than "
                 f"max_model_len={self.max_model_len}; raise kv_cache_memory or lower max_model_len")
         self.cache_config = CacheConfig(block_size=bs, num_blocks=num_blocks)
-        self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
+        kv_gib = num_blocks * CacheConfig.bytes_per_block(mc, bs, self.dtype) / 2**30
+        with _out_of_memory(f"allocating the KV cache ({num_blocks} blocks, {kv_gib:.2f} GiB)",
+                            "lower kv_cache_memory (--kv-cache-memory) or max_model_len (--max-model-len)"):
+            self.kv = KVCachePool(mc, num_blocks, bs, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         min_saved = config.hydragen_min_saved_tokens
         if min_saved is None:

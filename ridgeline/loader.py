@@ -21,6 +21,7 @@ import torch
 
 from .config import QUANTIZATION_MODES, ModelConfig, UnsupportedModelError
 from .gguf_file import GGUFFile, TensorInfo
+from .kernels import load_cpu_kernels
 from .quant import DENSE_TYPES, FORMATS, QUANTIZE_TO, QuantWeight, check_quantizable, quantize
 
 log = logging.getLogger("ridgeline")
@@ -242,9 +243,15 @@ def _read_gguf_tensor(gf: GGUFFile, info: TensorInfo, name: str, rows: np.ndarra
         blocks = raw.reshape(info.shape[0], -1)
         blocks = blocks[rows] if rows is not None else blocks.copy()
         return QuantWeight(info.type_name, torch.from_numpy(blocks), info.shape[-1])
+    kernels = load_cpu_kernels() if info.type_name in FORMATS and len(info.shape) == 2 else None
     if info.type_name in DENSE_TYPES:
         t = torch.from_numpy(raw.copy()).view({"F32": torch.float32, "F16": torch.float16,
                                                 "BF16": torch.bfloat16}[info.type_name])
+    elif kernels is not None:  # the C decoder: ~50x faster than the gguf package's numpy code
+        blocks = raw.reshape(info.shape[0], -1)
+        t = QuantWeight(info.type_name, torch.from_numpy(blocks[rows] if rows is not None else blocks.copy()),
+                        info.shape[1]).dequantize(dtype, kernels)
+        rows = None  # applied
     else:
         import gguf  # imported lazily: only types without a kernel (or quantization="none") need it
 

@@ -131,16 +131,17 @@ class Transformer:
         self.config = config
         self.dtype = dtype
         self.device = device
-        lib = load_cpu_kernels() if device.type == "cpu" else None
+        lib = load_cpu_kernels()
         # Block-quantized weights run as such on CPU through the C kernels; elsewhere (GPU, or
-        # no kernels) each is dequantized to the engine's dtype here, one tensor at a time.
-        quant = lib if lib is not None and lib.supports(dtype) else None
+        # no kernels) each is dequantized here (on the host), one tensor at a time.
+        quant = lib if device.type == "cpu" and lib is not None and lib.supports(dtype) else None
         rope_freqs = weights.pop("rope_freqs", None)
         for k in list(weights):
             v = weights[k]
             if isinstance(v, QuantWeight):
                 if quant is None:
-                    weights[k] = v.dequantize(dtype, lib).to(device)
+                    host = dtype if lib is not None and lib.supports(dtype) else torch.float32
+                    weights[k] = v.dequantize(host, lib).to(device=device, dtype=dtype)
             else:
                 weights[k] = v.to(device=device, dtype=dtype)
         missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in weights]

@@ -72,7 +72,9 @@ class QuantWeight:
     def cat(parts: list["QuantWeight"]) -> "QuantWeight":
         """Stack along the output dimension (fused q/k/v and gate/up); one format only."""
         assert len({p.fmt for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
-        return QuantWeight(parts[0].fmt, torch.cat([p.data for p in parts]), parts[0].in_features)
+        # numpy: torch.cat of uint8 CPU tensors runs ~100x slower (13 ms for 0.6 MB here)
+        data = torch.from_numpy(np.concatenate([p.data.numpy() for p in parts]))
+        return QuantWeight(parts[0].fmt, data, parts[0].in_features)
 
 
 def check_quantizable(fmt: str, shape: tuple[int, ...], name: str) -> None:

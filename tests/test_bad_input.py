@@ -97,3 +97,32 @@ def test_bad_engine_options():
         LLM(kv_cache_memory="lots")
     with pytest.raises(TypeError, match="unknown options"):
         LLM(temprature=0.5)
+
+
+def test_unsupported_real_gguf_refused_from_its_header():
+    """Gemma-3-270M (architecture gemma3, a 262k-token vocabulary): refused, naming the
+    architecture, in under a second (the header is parsed, no tensor data read)."""
+    import time
+
+    from .gguf_models import gemma_gguf_path
+
+    path = gemma_gguf_path()
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedModelError, match="'gemma3' is not supported"):
+        LLM(model=str(path))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_out_of_memory_says_what_and_what_to_change(monkeypatch):
+    from ridgeline import engine
+
+    # a KV pool larger than this machine's memory: the allocation fails up front
+    with pytest.raises(MemoryError, match=r"allocating the KV cache \(.* GiB\): lower kv_cache_memory"):
+        LLM(kv_cache_memory="4096GiB", max_model_len=256)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(engine, "load_checkpoint", no_memory)
+    with pytest.raises(MemoryError, match="loading the model's weights: use a smaller quantization"):
+        LLM()
