@@ -1,11 +1,11 @@
 """FastAPI routes of the OpenAI-compatible server.
 
-Handlers parse and validate the body themselves (so bad JSON and wrongly typed fields are
-400s in OpenAI's error format, never FastAPI's 422), run tokenization and admission in the
-engine thread through AsyncEngine.call, then either collect the final outputs or stream
-deltas as server-sent events. A request that ends early (client gone, cancelled by
-shutdown) is aborted, by `_collect` or by the event stream's close, which frees its KV blocks
-before the next step.
+Handlers parse and validate the body themselves (limits.py bounds it first), so bad JSON and
+wrongly typed fields are 400s in OpenAI's error format, never FastAPI's 422; they run
+tokenization and admission in the engine thread through AsyncEngine.call, then either collect
+the final outputs or stream deltas as server-sent events. A request that ends early (client
+gone, cancelled by shutdown) is aborted, by `_collect` or by the event stream's close, which
+frees its KV blocks before the next step.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..engine import LLMEngine
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineDeadError
+from .limits import BodyLimits, limits_for, read_json
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, RequestMeta, error_from_validation,
                        error_from_value, usage)
@@ -42,6 +43,7 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_queue: int | None = None  # requests admitted but not yet running; beyond this: 503
+    limits: BodyLimits | None = None  # None: derived from the engine's vocabulary and context length
 
 
 @dataclass
@@ -66,6 +68,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
 
     app = FastAPI(title="ridgeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     server = _Server(aengine, metrics, config)
+    limits = config.limits or limits_for(aengine.engine)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -77,14 +80,9 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         msg = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(APIError(exc.status_code, msg, type_=kind).body(), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s", request.url.path)
-        err = APIError(500, f"internal server error: {type(exc).__name__}", type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
     if config.api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(_InternalErrorMiddleware)  # added last: outermost of ours
 
     @app.get("/health")
     async def health() -> Response:
@@ -108,12 +106,12 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = _parse(CompletionRequest, await _json_body(request))
+        req = _parse(CompletionRequest, await read_json(request, limits))
         return await server.completions(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = _parse(ChatCompletionRequest, await _json_body(request))
+        req = _parse(ChatCompletionRequest, await read_json(request, limits))
         return await server.chat(req, request)
 
     return app
@@ -142,17 +140,32 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"invalid JSON body: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "invalid JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the JSON body must be an object, got {type(body).__name__}")
-    return body
+class _InternalErrorMiddleware:
+    """A bug answers 500 in OpenAI's format and keeps the connection. (Starlette's handler for
+    Exception re-raises after answering, so uvicorn closes the connection under a keep-alive
+    client.) After a response has started there is nothing to send: uvicorn closes it."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unhandled error in %s", scope.get("path"))
+            if not started:
+                err = APIError(500, f"internal server error: {type(exc).__name__}", type_="server_error")
+                await JSONResponse(err.body(), status_code=500)(scope, receive, send)
 
 
 def _parse(model: type[BaseModel], body: dict) -> Any:
@@ -163,7 +176,8 @@ def _parse(model: type[BaseModel], body: dict) -> Any:
 
 
 def _unknown_model(name: str, served: str) -> APIError:
-    return APIError(404, f"model: the model '{name}' does not exist; this server serves '{served}'",
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    return APIError(404, f"model: the model '{shown}' does not exist; this server serves '{served}'",
                     param="model", code="model_not_found")
 
 
@@ -472,9 +486,21 @@ def _admit_one(engine: LLMEngine, rid: str, prompt: Any, params: SamplingParams,
         raise APIError(400, f"max_tokens: this model's maximum context length is {limit} tokens; the request "
                             f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the {param}, "
                             f"{params.max_tokens} in the completion)", param="max_tokens")
+    _check_fits_kv_pool(engine, len(ids), params.max_tokens if params.max_tokens is not None else limit - len(ids))
     engine.add_request({"prompt_token_ids": ids}, params, request_id=rid)
     engine.requests[rid].prompt = text
     return _Prompt(text=text, token_ids=ids, first_token=tok.decode(ids[:1]))
+
+
+def _check_fits_kv_pool(engine: LLMEngine, num_prompt: int, max_new: int) -> None:
+    """Each sample needs KV blocks for its whole sequence at once (samples of one request can take
+    turns, through preemption, so only one sequence must fit). The engine sizes its pool to at
+    least the context length, which makes this a guard against a queue that would never move."""
+    bs, pool = engine.cache_config.block_size, engine.cache_config.num_blocks
+    need = -(-(num_prompt + max_new) // bs)
+    if need > pool:
+        raise APIError(400, f"max_tokens: {num_prompt} prompt + {max_new} completion tokens need {need} KV-cache "
+                            f"blocks, but the pool holds {pool} ({pool * bs} tokens)", param="max_tokens")
 
 
 # ---------------------------------------------------------------------- formatting

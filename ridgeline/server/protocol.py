@@ -20,6 +20,7 @@ MAX_N = 64  # samples per prompt; more is refused (each sample is a full sequenc
 MAX_SEQUENCES = 256  # prompts x n in one request
 INT64 = 2**63
 MAX_LOGPROBS = 20
+MAX_STOP = 64  # stop strings and stop token ids are checked after every token: bound the work per step
 
 
 class APIError(Exception):
@@ -27,11 +28,18 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type_: str = "invalid_request_error", code: str | None = None):
+        message, param = _encodable(message), _encodable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    """Lone surrogates from the request (echoed in a message or a field path) as escapes, so the
+    error body can always be encoded as UTF-8."""
+    return text if text is None or text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_from_validation(exc: ValidationError) -> APIError:
@@ -87,6 +95,10 @@ class _SamplingFields(_Strict):
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   prompt_logprobs: int | None = None) -> SamplingParams:
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) > MAX_STOP:
+                raise APIError(400, f"{name}: at most {MAX_STOP} entries, got {len(value)}", param=name)
         kw: dict[str, Any] = dict(
             n=self.n, stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,

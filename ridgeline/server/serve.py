@@ -1,6 +1,7 @@
 """Start the server: load the engine, wrap it, and run uvicorn until SIGTERM/SIGINT.
 
-The engine's step loop owns the main thread; uvicorn runs in a second one. On a signal uvicorn
+The engine's step loop owns the main thread; uvicorn runs in a second one, speaking HTTP/1.1
+through wire.GuardedH11Protocol. On a signal uvicorn
 stops accepting connections, lets in-flight responses finish for up to
 `shutdown_timeout` seconds, cancels the rest (their handlers abort their requests), then the
 app's lifespan stops the engine thread. We install our own signal handlers so that a
@@ -25,6 +26,7 @@ from ..engine import EngineConfig, LLMEngine
 from .app import ServerConfig, build_app
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
+from .wire import GuardedH11Protocol
 
 log = logging.getLogger("ridgeline.server")
 
@@ -100,7 +102,7 @@ def serve(engine_config: EngineConfig, options: ServeOptions) -> int:
                               start_thread=False)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=options.shutdown_timeout, access_log=False,
-                            lifespan="on")
+                            lifespan="on", http=GuardedH11Protocol)
     server = _Server(config, aengine)
     log.info("serving %s on http://%s:%d", default_model_name(engine), options.host, options.port)
 
