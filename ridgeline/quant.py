@@ -11,15 +11,12 @@ checkpoints with --quantization q8_0 / q4_0 / q4_k).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .kernels import CpuKernels
-
-log = logging.getLogger("ridgeline")
 
 # format -> (kernel id, weights per block, bytes per block)
 FORMATS: dict[str, tuple[int, int, int]] = {

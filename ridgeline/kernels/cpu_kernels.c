@@ -5,8 +5,9 @@
    too), so the two paths agree to a bfloat16 ulp and exactly in structure. Tensors are
    float32 (bf = 0) or bfloat16 (bf = 1) and contiguous unless a row stride is given; every
    exported function is single-threaded (the loader calls decode attention through a handle
-   that releases the GIL when it splits a step's rows over Python threads). Compiled at first use with -O3 -march=native -fopenmp-simd: the `omp
-   simd` pragmas let the compiler vectorise float reductions without -ffast-math. */
+   that releases the GIL when it splits a step's rows over Python threads). Compiled at first use
+   with -O3 in the CPU's variant (kernels/__init__.py: AVX-512, AVX2 or portable), -fopenmp: the
+   `omp simd` pragmas let the compiler vectorise float reductions without -ffast-math. */
 
 #include <stdlib.h>
 
