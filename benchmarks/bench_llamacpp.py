@@ -8,7 +8,7 @@ with the model files it prepares under $RIDGELINE_CACHE_DIR (else $XDG_CACHE_HOM
 Files (--only):
   default  SmolLM2-135M-Instruct Q4_1 (ridgeline's default model, used in place)
   q8_0, q4_0, q4_k_m  the same model requantized with `llama-quantize --allow-requantize`
-           (576-wide rows are not a multiple of 256: q4_k_m falls back to Q5_0/Q8_0 for some tensors)
+           (rows 576 wide are not a multiple of 256: q4_k_m falls back to Q5_0/Q8_0 for those tensors)
   1b       Llama-3.2-1B body (hidden 2048, 16 layers, 32 heads, 8 kv heads, ffn 8192, tied
            embeddings) with SmolLM2's vocabulary (49152) so both engines tokenize it; random weights
            written as F16, then Q4_K_M
@@ -31,14 +31,19 @@ Workloads, threads = os.cpu_count() on both sides, median of --repeats:
                                they do not attend to the 512-token prefix, which slightly favours llama.cpp)
               generation      `-npp 544 -ntg 64 -npl 32 -pps` (T_TG: 64 steps of 32 streams whose
                                contexts start at 544 tokens)
-  peak RSS  llama.cpp: the largest ru_maxrss of its processes (os.wait4), mapped weights included;
-            ridgeline: VmHWM of the worker subprocess that loads the model and runs every workload.
+  peak RSS  of each process, from /usr/bin/time (mapped weights included). llama.cpp: the largest of
+            its runs (the 32-stream runs' -c 20480 KV cache dominates on small models); ridgeline: the
+            worker subprocess that loads the model and runs every workload, with a KV pool of the
+            same 20480 tokens.
   bandwidth decode tok/s x weight bytes read per token / memory read bandwidth
             (ridgeline.perf.probe.read_bandwidth, 512 MiB, measured at the start of the run). Bytes
             per token are the GGUF's tensor sizes (every tensor but the input embedding; the tied
             embedding counts as the lm_head) for both engines, so a fraction is of the file's limit.
 
 Ratios are ridgeline / llama.cpp (above 1 = ridgeline faster; for RSS, above 1 = ridgeline larger).
+Run it on an otherwise idle machine: with threads = every CPU, any other busy process (a test suite,
+an OpenMP spin-wait) slows llama.cpp's 32-stream generation several times over (its threads meet at
+a barrier per operator); the load average at the start and end is printed and recorded.
 
     .venv/bin/python benchmarks/bench_llamacpp.py [--only default,q8_0,q4_0,q4_k_m,1b,7b] [--repeats 3]
         [--skip-ridgeline] [--skip-llamacpp] [--prepare-only] [--json out.json]
