@@ -129,7 +129,7 @@ class LLMEngine:
             ckpt = load_checkpoint(config.model, self.dtype, config.quantization)
             self.model_path = ckpt.path
             self.model_config: ModelConfig = ckpt.config
-            self.tokenizer = load_tokenizer(ckpt.path)
+            self.tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_metadata)
             self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels)
             del ckpt
 

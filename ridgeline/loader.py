@@ -60,6 +60,7 @@ class Checkpoint:
     format: str  # "gguf" or "hf"
     config: ModelConfig
     weights: dict[str, torch.Tensor | QuantWeight]  # Hugging Face names; dense ones in the engine's dtype
+    gguf_metadata: dict | None = None  # a GGUF's key/values (the tokenizer conversion reads them)
 
 
 def default_model_path() -> Path:
@@ -203,7 +204,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, quantization: str) -> Checkpoint:
             gf.release(info)
     finally:
         gf.close()
-    return Checkpoint(path=path, format="gguf", config=config, weights=weights)
+    return Checkpoint(path=path, format="gguf", config=config, weights=weights, gguf_metadata=gf.metadata)
 
 
 def _keeps_blocks(info: TensorInfo, name: str, quantization: str) -> bool:

@@ -78,9 +78,9 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
 
 class SplitLinear:
     """Several linear layers over one input, outputs side by side: a fused q/k/v or gate/up whose
-    parts are stored in different block formats (Q4_K_M files keep some v projections in Q6_K)."""
+    parts are stored in different formats (Q4_K_M files keep some v projections in Q6_K)."""
 
-    def __init__(self, parts: list[QuantLinear]):
+    def __init__(self, parts: list[QuantLinear | Linear]):
         self.parts = parts
         self.out_features = sum(p.out_features for p in parts)
 
@@ -93,13 +93,15 @@ def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | No
     """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
     Block-quantized parts (present only where `kernels` runs them, see Transformer) are joined
     when they share a format, else run side by side."""
-    if not isinstance(parts[0], QuantWeight):
+    kinds = {p.fmt if isinstance(p, QuantWeight) else None for p in parts}
+    if kinds == {None}:
         return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
-    if len({p.fmt for p in parts}) == 1:
+    if len(kinds) == 1:
         return QuantLinear(QuantWeight.cat(parts) if len(parts) > 1 else parts[0], kernels, bias)
-    sizes = [p.shape[0] for p in parts]
-    biases = bias.split(sizes) if bias is not None else [None] * len(parts)
-    return SplitLinear([QuantLinear(p, kernels, None if b is None else b.contiguous()) for p, b in zip(parts, biases)])
+    # mixed: block formats side by side, or blocks beside a dense part (a type without a kernel)
+    biases = bias.split([p.shape[0] for p in parts]) if bias is not None else [None] * len(parts)
+    return SplitLinear([make_linear([p], None if b is None else b.contiguous(), kernels)
+                        for p, b in zip(parts, biases)])
 
 
 class Layer:

@@ -29,17 +29,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ridgeline"
 
 
-def tokenizer_digest(path: Path) -> str:
+def tokenizer_digest(path: Path, metadata: dict | None = None) -> str:
     """SHA-256 of what the conversion reads: a GGUF's tokenizer.* metadata and architecture. Files
     of one model in several quantizations share one converted tokenizer, and a multi-GB file is
-    never hashed whole."""
-    from .gguf_file import GGUFFile
+    never hashed whole. `metadata`: the file's, when the caller has parsed it already."""
+    meta = metadata
+    if meta is None:
+        from .gguf_file import GGUFFile
 
-    gf = GGUFFile(path)
-    try:
-        meta = gf.metadata
-    finally:
-        gf.close()
+        gf = GGUFFile(path)
+        try:
+            meta = gf.metadata
+        finally:
+            gf.close()
     h = hashlib.sha256()
     for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
         value = meta[key]
@@ -53,7 +55,7 @@ def tokenizer_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path, gguf_metadata: dict | None = None):
     """A transformers fast tokenizer for a checkpoint directory or GGUF file.
 
     Converting a GGUF vocabulary takes seconds, so the converted tokenizer is saved
@@ -69,7 +71,7 @@ def load_tokenizer(model_path: Path):
         if not ((model_path / "tokenizer.json").is_file() or (model_path / "tokenizer_config.json").is_file()):
             raise FileNotFoundError(f"model: {model_path} has no tokenizer.json")
         return AutoTokenizer.from_pretrained(str(model_path))
-    target = cache_dir() / "tokenizers" / tokenizer_digest(model_path)
+    target = cache_dir() / "tokenizers" / tokenizer_digest(model_path, gguf_metadata)
     if (target / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(target))
         if _ids_in_vocab(tok):

@@ -147,3 +147,22 @@ def test_quantize_round_trip(fmt):
     # one step plus (Q4_K) the 6-bit rounding of each sub-block's scale and min
     slack = {"Q8_0": 1.0, "Q4_0": 1.0, "Q4_K": 3.0}[fmt]
     assert (err <= slack * step + 1e-3).all()
+
+
+def test_fused_parts_of_different_formats_run_side_by_side():
+    """q/k/v in Q4_K, Q4_K and Q6_K (as Q4_K_M files store them), or a block part beside a dense
+    one: the layer's output is each part's, side by side, bias included."""
+    from ridgeline.model import SplitLinear, make_linear
+
+    kern = kernels_for(ISAS[0])
+    q, k, v = random_weight("Q4_K", 16, 256, 1), random_weight("Q4_K", 8, 256, 2), random_weight("Q6_K", 8, 256, 3)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(32)
+    for parts in ([q, k, v], [q, k, v.dequantize(torch.float32, kern)]):
+        layer = make_linear(parts, bias, kern)
+        assert isinstance(layer, SplitLinear)
+        dense = torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize(torch.float32, kern) for p in parts])
+        ref_w = dense.double().numpy()
+        y = layer(x)
+        expected = x.double().numpy() @ ref_w.T + bias.double().numpy()
+        assert (np.abs(y.double().numpy() - expected) <= error_bound(x.double().numpy(), ref_w, False)).all()
