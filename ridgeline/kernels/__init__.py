@@ -15,7 +15,7 @@ keyed by the sources, the flags and the CPU's feature flags, in one of three var
 run time from what the CPU reports: "avx512" (-march=native on a CPU with AVX-512 F/BW/DQ/VL),
 "avx2" (x86-64-v3: AVX2, FMA, F16C) or "scalar" (portable C). RIDGELINE_CPU_ISA=scalar|avx2|avx512
 forces one (an error if the CPU lacks it). Without a compiler, or with RIDGELINE_CPU_KERNELS=0,
-the model runs its PyTorch ops instead (and quantized weights need the kernels: see quant.py)."""
+the model runs its PyTorch ops instead, and block-quantized weights are dequantized at load."""
 
 from __future__ import annotations
 
