@@ -3,9 +3,10 @@ reference: the `gguf` package's dequantization, then a float64 matmul, for every
 random blocks and on real tensors of the Gemma-3-270M GGUF, for every kernel variant (scalar,
 avx2, avx512) this CPU runs.
 
-Error bound. The kernels quantize each run of 32 activations to 8 bits (d = max|x| / 127,
-a = round(x / d)), so each activation is off by at most d / 2 = max|x| / 254, and a dot product
-with weights w by at most sum over 32-blocks b of (max_b |x| / 254) * sum_b |w|. The weights
+Error bound. The kernels quantize each run of 32 activations (of 256 for the K-quants) to 8 bits
+(d = max|x| / 127, a = round(x / d)), so each activation is off by at most d / 2 = max|x| / 254,
+and a dot product with weights w by at most sum over activation blocks b of
+(max_b |x| / 254) * sum_b |w|. The weights
 themselves are used exactly as stored. On top of that: float32 accumulation (1e-5 relative to
 sum |w| |x|), and for bfloat16 outputs one rounding of the result (2^-8 relative).
 """
@@ -46,10 +47,15 @@ def reference(w: QuantWeight) -> np.ndarray:
     return gguf.quants.dequantize(w.data.numpy(), gguf.GGMLQuantizationType[w.fmt]).reshape(w.shape).astype(np.float64)
 
 
-def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool) -> np.ndarray:
+def activation_block(fmt: str) -> int:
+    """Values per activation scale: 256 for the K-quants (Q8_K), else 32 (Q8_0)."""
+    return 256 if fmt.endswith("_K") else 32
+
+
+def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32) -> np.ndarray:
     m, k = x.shape
-    amax = np.abs(x).reshape(m, k // 32, 32).max(-1)  # [m, blocks]
-    wsum = np.abs(w).reshape(w.shape[0], k // 32, 32).sum(-1)  # [n, blocks]
+    amax = np.abs(x).reshape(m, k // block, block).max(-1)  # [m, blocks]
+    wsum = np.abs(w).reshape(w.shape[0], k // block, block).sum(-1)  # [n, blocks]
     bound = amax / 254 @ wsum.T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-7
     if bf16_out:
         bound += 2.0 ** -8 * np.abs(x @ w.T)
@@ -64,7 +70,7 @@ def check_matmul(kern, w: QuantWeight, x: torch.Tensor, ref_w: np.ndarray, bias:
     if bias is not None:
         expected += bias.double().numpy()
     err = np.abs(y.double().numpy() - expected)
-    bound = error_bound(x64, ref_w, x.dtype == torch.bfloat16)
+    bound = error_bound(x64, ref_w, x.dtype == torch.bfloat16, activation_block(w.fmt))
     assert (err <= bound).all(), f"worst error / bound {np.max(err / bound):.3f}"
     return y
 
@@ -74,8 +80,10 @@ def check_matmul(kern, w: QuantWeight, x: torch.Tensor, ref_w: np.ndarray, bias:
 def test_random_blocks_every_shape(isa, fmt):
     kern = kernels_for(isa)
     block = FORMATS[fmt][1]
-    # K a multiple of the block only; N and M not multiples of the tiles (8 rows x 16 weight rows)
-    for n, k, m in [(1, block, 1), (37, 2 * block, 3), (19, 3 * block, 8), (45, block, 9), (40, 2 * block, 21)]:
+    # K a multiple of the block only (11 blocks: groups of 8 and 3, a pair and a single);
+    # N and M not multiples of the tiles (8 rows x 16 weight rows)
+    for n, k, m in [(1, block, 1), (37, 2 * block, 3), (19, 3 * block, 8), (45, block, 9), (40, 2 * block, 21),
+                    (5, 11 * block, 2)]:
         w = random_weight(fmt, n, k, seed=n * 1000 + m)
         ref_w = reference(w)
         np.testing.assert_array_equal(w.dequantize(torch.float32, kern).numpy(), ref_w.astype(np.float32))
@@ -165,4 +173,4 @@ def test_fused_parts_of_different_formats_run_side_by_side():
         ref_w = dense.double().numpy()
         y = layer(x)
         expected = x.double().numpy() @ ref_w.T + bias.double().numpy()
-        assert (np.abs(y.double().numpy() - expected) <= error_bound(x.double().numpy(), ref_w, False)).all()
+        assert (np.abs(y.double().numpy() - expected) <= error_bound(x.double().numpy(), ref_w, False, 256)).all()

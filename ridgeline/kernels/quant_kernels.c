@@ -3,14 +3,18 @@
    y[m, n] = sum_k x[m, k] * W[n, k] for W in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K.
    Every format is read as sub-blocks of 32 weights along k, each w = d_half * q + mn with q a
    small integer (K-quant super-blocks of 256 are 8 such sub-blocks; Q6_K has one scale per 16
-   weights, so a sub-block has two). The activations are quantized per 32 values to 8 bits
-   (d = max|x| / 127, q = round(x / d), llama.cpp's Q8_0), so each sub-block's dot product is one
+   weights, so a sub-block has two). The activations are quantized to 8 bits, a = round(x / d)
+   with d = max|x| / 127 over each 32 values for the formats with blocks of 32 (llama.cpp's
+   Q8_0) and over each 256 for the K-quants (its Q8_K), so each sub-block's dot product is one
    integer dot product of 32 byte pairs:
 
        sum_i w_i x_i ~= d_w * d_x * sum_i q_i a_i + mn * d_x * sum_i a_i
 
-   The error against the float weights is the activation rounding alone: at most
-   sum over sub-blocks of (max|x| / 254) * sum |w_i| (tests/test_quant_kernels.py checks it).
+   and within a K-quant super-block the 8 sub-blocks' integer products, times their integer
+   scales, add up in int32 before the one float multiply-add (the offsets come from per-16
+   activation sums). The error against the float weights is the activation rounding alone: at
+   most sum over activation blocks of (max|x| / 254) * sum |w_i| (tests/test_quant_kernels.py
+   checks it).
 
    Work is split into tiles: up to MR activation rows share each unpacked weight sub-block, and
    a chunk of NC weight rows (a few KB) stays in cache while every activation tile passes over
@@ -18,7 +22,8 @@
    Decode (m <= MR) is one tile: each weight byte is read once per step. Weight rows are split
    over OpenMP threads (the runtime torch itself uses). Built three times by the loader:
    scalar (portable C), AVX2 + FMA + F16C (_mm256_maddubs_epi16) and AVX-512 (the AVX2 code with
-   VNNI's _mm256_dpbusd_epi32 where the CPU has it); RIDGELINE_CPU_ISA picks one. */
+   VNNI's _mm256_dpbusd_epi32 / _mm256_dpwssd_epi32 where the CPU has them); RIDGELINE_CPU_ISA
+   picks one. */
 
 #include <stdlib.h>
 
@@ -30,22 +35,42 @@ enum { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NUM_FORMATS };
 static const int64_t BLOCK_BYTES[NUM_FORMATS] = {18, 20, 22, 24, 34, 144, 176, 210};
 static const int64_t BLOCK_WEIGHTS[NUM_FORMATS] = {32, 32, 32, 32, 32, 256, 256, 256};
 
-/* Quantized activations, one row after another: per row the nsb sub-blocks' 32 values
+/* Quantized activations, one row after another, in one of two layouts.
+   Per 32 values (Q8_0 style, for the formats with blocks of 32): the nsb sub-blocks' values
    a = round(x / d) (nsb * 32 bytes), then their scales d and sums s = d * sum(a) as two float
-   arrays padded with zeros to a multiple of 8 (so groups of 8 sub-blocks load them as vectors). */
+   arrays padded with zeros to a multiple of 8 (groups of 8 sub-blocks load them as vectors).
+   The AVX2 builds store each pair of sub-blocks (2i, 2i + 1) interleaved by halves, [first 16 of
+   2i | first 16 of 2i + 1 | last 16 of 2i | last 16 of 2i + 1], the order in which two weight
+   blocks land in the two 128-bit lanes of one register.
+   Per 256 values (llama.cpp's Q8_K, for the K-quants): the values in order (k bytes), then one
+   float scale per 256, then the int16 sums of every 16 values, so a K-quant super-block's 8
+   sub-block dot products add up in integers and its offsets come from the sums. */
 typedef struct {
     const uint8_t *base;
-    int64_t nsb, pad, stride; /* sub-blocks per row, padded count, bytes per row */
+    int64_t stride, dofs, sofs; /* bytes per row; offsets of the scales and of the sums in a row */
 } q8rows;
 
-INLINE int64_t q8_stride(int64_t nsb) { return nsb * 32 + 8 * ((nsb + 7) / 8 * 8); }
+INLINE int64_t q8_pad(int64_t nsb) { return (nsb + 7) / 8 * 8; }
+INLINE int64_t q8_stride(int64_t nsb) { return nsb * 32 + 8 * q8_pad(nsb); }
+INLINE int64_t q8k_stride(int64_t nsb) { return nsb * 32 + (nsb / 8) * (4 + 32); }
+INLINE q8rows q8_layout(const uint8_t *base, int64_t nsb, int kq) {
+    q8rows x = {base, kq ? q8k_stride(nsb) : q8_stride(nsb), nsb * 32, nsb * 32 + 4 * (kq ? nsb / 8 : q8_pad(nsb))};
+    return x;
+}
+/* row r's values of sub-block j, scale of block j (of 32 or of 256 values), Q8_0 sum of block j */
 INLINE const int8_t *XQ(const q8rows *x, int64_t r, int64_t j) {
     return (const int8_t *)(x->base + r * x->stride + j * 32);
 }
 INLINE const float *XD(const q8rows *x, int64_t r, int64_t j) {
-    return (const float *)(x->base + r * x->stride + x->nsb * 32) + j;
+    return (const float *)(x->base + r * x->stride + x->dofs) + j;
 }
-INLINE const float *XS(const q8rows *x, int64_t r, int64_t j) { return XD(x, r, j) + x->pad; }
+INLINE const float *XS(const q8rows *x, int64_t r, int64_t j) {
+    return (const float *)(x->base + r * x->stride + x->sofs) + j;
+}
+/* Q8_K: the 16 sums of super-block sb */
+INLINE const int16_t *XKS(const q8rows *x, int64_t r, int64_t sb) {
+    return (const int16_t *)(x->base + r * x->stride + x->sofs) + 16 * sb;
+}
 
 #define MR 8  /* activation rows per tile (8 float accumulators + temporaries fit 16 ymm registers) */
 #define NC 16 /* weight rows per chunk in wide steps */
@@ -149,69 +174,123 @@ void rl_dequant_rows(int fmt, const uint8_t *w, int64_t k, const int64_t *ids, i
 
 /* ------------------------------------------------------------------ activation quantization */
 
+#if defined(__AVX2__)
+INLINE __m256 load8(const void *x, int64_t e, int bf) {
+    if (!bf) return _mm256_loadu_ps((const float *)x + e);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + e));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+INLINE float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+INLINE int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+/* max |x| over the 8 * nv values from x[e] */
+INLINE float absmax(const void *x, int64_t e, int nv, int bf) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < nv; i++) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, load8(x, e + 8 * i, bf)));
+    return hmax(mx);
+}
+
+/* the 32 values from x[e] times id, rounded, as bytes in order; sum16[h] = the sums of each 16 */
+INLINE __m256i round32(const void *x, int64_t e, float id, int bf, int sum16[2]) {
+    __m256i i32[4];
+    for (int i = 0; i < 4; i++)
+        i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(load8(x, e + 8 * i, bf), _mm256_set1_ps(id)),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum16[0] = hsum_i32(_mm256_add_epi32(i32[0], i32[1]));
+    sum16[1] = hsum_i32(_mm256_add_epi32(i32[2], i32[3]));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#else
+INLINE float absmax(const void *x, int64_t e, int nv, int bf) {
+    float amax = 0.0f;
+    for (int i = 0; i < 8 * nv; i++) {
+        float a = fabsf(load(x, e + i, bf));
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+INLINE void round32(const void *x, int64_t e, float id, int bf, int sum16[2], int8_t *out) {
+    sum16[0] = sum16[1] = 0;
+    for (int i = 0; i < 32; i++) {
+        int qv = (int)nearbyintf(load(x, e + i, bf) * id);
+        out[i] = (int8_t)qv;
+        sum16[i / 16] += qv;
+    }
+}
+#endif
+
+/* One row of k values, per 32 (nsb = k / 32 sub-blocks) into `row` (q8_stride bytes). */
 static void quantize_row_q8(const void *x, int64_t k, int bf, uint8_t *row) {
-    int64_t nsb = k / 32, pad = (nsb + 7) / 8 * 8;
+    int64_t nsb = k / 32, pad = q8_pad(nsb);
     float *ds = (float *)(row + nsb * 32), *ss = ds + pad;
     for (int64_t b = nsb; b < pad; b++) ds[b] = ss[b] = 0.0f;
     for (int64_t b = 0; b < nsb; b++) {
-        int8_t *oq = (int8_t *)row + b * 32;
+        float amax = absmax(x, b * 32, 4, bf), d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum16[2];
 #if defined(__AVX2__)
-        __m256 v[4];
-        for (int i = 0; i < 4; i++) {
-            int64_t e = b * 32 + i * 8;
-            if (bf) {
-                __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + e));
-                v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-            } else {
-                v[i] = _mm256_loadu_ps((const float *)x + e);
-            }
+        __m256i q = round32(x, b * 32, id, bf, sum16);
+        if ((b | 1) < nsb) { /* a full pair: interleave the halves */
+            uint8_t *o = row + (b & ~(int64_t)1) * 32 + (b & 1) * 16;
+            _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(q));
+            _mm_storeu_si128((__m128i *)(o + 32), _mm256_extracti128_si256(q, 1));
+        } else {
+            _mm256_storeu_si256((__m256i *)(row + b * 32), q);
         }
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float amax = _mm_cvtss_f32(m4), d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        __m256i i32[4], sum = _mm256_setzero_si256();
-        for (int i = 0; i < 4; i++) {
-            i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
-                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            sum = _mm256_add_epi32(sum, i32[i]);
-        }
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)oq, p);
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        ds[b] = d;
-        ss[b] = d * (float)_mm_cvtsi128_si32(s4);
 #else
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) {
-            float a = fabsf(load(x, b * 32 + i, bf));
-            amax = a > amax ? a : amax;
-        }
-        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            int qv = (int)nearbyintf(load(x, b * 32 + i, bf) * id);
-            oq[i] = (int8_t)qv;
-            sum += qv;
-        }
-        ds[b] = d;
-        ss[b] = d * (float)sum;
+        round32(x, b * 32, id, bf, sum16, (int8_t *)row + b * 32);
 #endif
+        ds[b] = d;
+        ss[b] = d * (float)(sum16[0] + sum16[1]);
+    }
+}
+
+/* One row of k values, per 256 (Q8_K) into `row` (q8k_stride bytes). */
+static void quantize_row_q8k(const void *x, int64_t k, int bf, uint8_t *row) {
+    int64_t nsk = k / 256;
+    uint8_t *ds = row + k;
+    int16_t *sums = (int16_t *)(row + k + 4 * nsk);
+    for (int64_t s = 0; s < nsk; s++) {
+        float amax = absmax(x, s * 256, 32, bf), d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        memcpy(ds + 4 * s, &d, 4);
+        for (int b = 0; b < 8; b++) {
+            int sum16[2];
+            int64_t e = s * 256 + b * 32;
+#if defined(__AVX2__)
+            _mm256_storeu_si256((__m256i *)(row + e), round32(x, e, id, bf, sum16));
+#else
+            round32(x, e, id, bf, sum16, (int8_t *)row + e);
+#endif
+            sums[16 * s + 2 * b] = (int16_t)sum16[0];
+            sums[16 * s + 2 * b + 1] = (int16_t)sum16[1];
+        }
     }
 }
 
 /* ------------------------------------------------------------------ row dot products
 
-   rowdot_*: out[r] = W_row . X_r for the mr activation rows X_r of x (quantized
-   sub-blocks), nsb sub-blocks per row. */
+   rowdot_*: out[r] = W_row . X_r for the mr activation rows X_r of x (quantized), nsb
+   sub-blocks per row. */
 
 #if defined(__AVX2__)
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
 
 /* 32 bytes: the low nibbles of p[0..15] then the high nibbles. */
 INLINE __m256i nibbles32(const uint8_t *p) {
@@ -220,10 +299,8 @@ INLINE __m256i nibbles32(const uint8_t *p) {
     return _mm256_and_si256(t, _mm256_set1_epi8(0x0F));
 }
 
-/* 32 bytes: 0x10 where bit i of the 32-bit word at p is set. */
-INLINE __m256i bits32_as_0x10(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
+/* 32 bytes: 0x10 where bit i of v is set. */
+INLINE __m256i bits32_as_0x10(uint32_t v) {
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
                                             3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
@@ -231,12 +308,28 @@ INLINE __m256i bits32_as_0x10(const uint8_t *p) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), _mm256_set1_epi8(0x10));
 }
 
-/* Eight int32 partial sums of u[i] * a[i] (u unsigned bytes < 128, a signed), as floats. */
-INLINE __m256 dot_us(__m256i u, __m256i a) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a));
+INLINE uint32_t rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* int32 sums of u[i] * a[i] over each 4 bytes, added to acc (u unsigned bytes < 128, a signed) */
+INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i a) {
+#if VNNI
+    return _mm256_dpbusd_epi32(acc, u, a);
 #else
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* acc + the int32 sums over byte pairs of u * a (int16, no overflow for u < 64), each pair of
+   those times the int16 scales sc */
+INLINE __m256i dot_scaled(__m256i acc, __m256i u, __m256i a, __m256i sc) {
+#if VNNI
+    return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, a), sc);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), sc));
 #endif
 }
 
@@ -247,39 +340,11 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The row dots walk a weight row in groups of 8 sub-blocks. Per group the 8 weight scales (and
-   offsets) form one vector; per activation row they are multiplied by the 8 activation scales
-   at once (sc[r][b] = d_w * d_x), and the offset terms mn * s_x are one vector FMA. The integer
-   dot product of each sub-block is then converted and scaled into the row's accumulator. */
-#define GROUP_SCALES(DW, MW, J0)                                                                   \
-    float sc[MR][8] __attribute__((aligned(32)));                                                  \
-    for (int r = 0; r < mr; r++) {                                                                 \
-        __m256 dx = _mm256_loadu_ps(XD(x, r, (J0)));                                               \
-        _mm256_store_ps(sc[r], _mm256_mul_ps((DW), dx));                                           \
-        macc[r] = _mm256_fmadd_ps((MW), _mm256_loadu_ps(XS(x, r, (J0))), macc[r]);                 \
-    }
-/* unsigned q (offset in the group's MW) */
-#define ACC_UNSIGNED(U, B, J)                                                                      \
-    for (int r_ = 0; r_ < mr; r_++) {                                                                 \
-        __m256 p_ = dot_us((U), _mm256_loadu_si256((const __m256i *)XQ(x, r_, (J))));                \
-        acc[r_] = _mm256_fmadd_ps(p_, _mm256_broadcast_ss(&sc[r_][(B)]), acc[r_]);                     \
-    }
-/* signed q (Q8_0, Q6_K): |q| times a with q's sign; SC: per-half int16 scales (Q6_K) or ones */
-#define ACC_SIGNED(S, SC, B, J)                                                                    \
-    {                                                                                              \
-        __m256i ab_ = _mm256_sign_epi8((S), (S));                                                   \
-        for (int r_ = 0; r_ < mr; r_++) {                                                             \
-            __m256i a_ = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)XQ(x, r_, (J))), (S)); \
-            __m256 p_ = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ab_, a_), (SC)));   \
-            acc[r_] = _mm256_fmadd_ps(p_, _mm256_broadcast_ss(&sc[r_][(B)]), acc[r_]);                 \
-        }                                                                                          \
-    }
-
 #define ROWDOT_BEGIN                                                                               \
-    __m256 acc[MR], macc[MR];                                                                      \
-    for (int r = 0; r < mr; r++) acc[r] = macc[r] = _mm256_setzero_ps();
+    __m256 acc[MR];                                                                                \
+    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
 #define ROWDOT_END                                                                                 \
-    for (int r = 0; r < mr; r++) out[r] = hsum(_mm256_add_ps(acc[r], macc[r]));
+    for (int r = 0; r < mr; r++) out[r] = hsum(acc[r]);
 
 /* The 32 bits at the start of each of the g (<= 8) blocks from p, `stride` bytes apart, in one
    masked gather (zeros past g): a block's float16 scale in the low half, Q4_1 / Q5_1's float16
@@ -298,12 +363,18 @@ INLINE __m256 f16_halves(__m256i v, int hi) {
 }
 
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: blocks of 32 with one float16 scale (and Q4_1 / Q5_1 a
-   float16 offset; Q4_0 / Q5_0 are read as unsigned with offset -8 d / -16 d). */
+   float16 offset; Q4_0 / Q5_0 are read as unsigned with offset -8 d / -16 d). Walked in groups
+   of 8 blocks: the 8 scales (and offsets) are one vector, multiplied per activation row by its 8
+   activation scales (sc[r] = d_w * d_x), the offset terms mn * s_x are one FMA. Two blocks go
+   through one register, block 2i in the low lane and 2i + 1 in the high one (matching the
+   interleaved activations), so their integer dot products come out as the low and high four
+   lanes, scaled by the lanes [sc 2i x 4 | sc 2i + 1 x 4]. */
 INLINE void rowdot_b32(int fmt, const uint8_t *w, const q8rows *x, int64_t nsb, const int mr, float *out) {
     ROWDOT_BEGIN
     const int64_t bb = fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q5_0 ? 22 : fmt == Q5_1 ? 24 : 34;
     const int has_min = fmt == Q4_1 || fmt == Q5_1, five = fmt == Q5_0 || fmt == Q5_1;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t qoff = (has_min ? 4 : 2) + (five ? 4 : 0); /* the quants' offset in a block */
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int64_t j0 = 0; j0 < nsb; j0 += 8) {
         const int g = (int)(nsb - j0 < 8 ? nsb - j0 : 8);
         const uint8_t *b0 = w + j0 * bb;
@@ -311,93 +382,174 @@ INLINE void rowdot_b32(int fmt, const uint8_t *w, const q8rows *x, int64_t nsb, 
         __m256 dw = f16_halves(heads, 0);
         __m256 mw = has_min ? f16_halves(heads, 1)
                             : _mm256_mul_ps(dw, _mm256_set1_ps(fmt == Q4_0 ? -8.0f : fmt == Q5_0 ? -16.0f : 0.0f));
-        GROUP_SCALES(dw, mw, j0)
-#define B32_BODY(b)                                                                                \
+        __m256 sc[MR];
+        for (int r = 0; r < mr; r++) {
+            sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(XD(x, r, j0)));
+            if (fmt != Q8_0) acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XS(x, r, j0)), acc[r]);
+        }
+#define PAIR_BODY(b)                                                                               \
     {                                                                                              \
-        const uint8_t *q = b0 + (b) * bb + (has_min ? 4 : 2);                                      \
+        const uint8_t *qa = b0 + (b) * bb + qoff, *qb = qa + bb;                                   \
+        const __m256i lanes = _mm256_setr_epi32(b, b, b, b, b + 1, b + 1, b + 1, b + 1);           \
         if (fmt == Q8_0) {                                                                         \
-            __m256i s8 = _mm256_loadu_si256((const __m256i *)q);                                   \
-            ACC_SIGNED(s8, ones, (b), j0 + (b))                                                    \
+            __m256i w0 = _mm256_loadu2_m128i((const __m128i *)qb, (const __m128i *)qa);            \
+            __m256i w1 = _mm256_loadu2_m128i((const __m128i *)(qb + 16), (const __m128i *)(qa + 16)); \
+            __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);                  \
+            for (int r = 0; r < mr; r++) {                                                         \
+                const __m256i *a = (const __m256i *)XQ(x, r, j0 + (b));                            \
+                __m256i p = dpbusd(_mm256_setzero_si256(), u0, _mm256_sign_epi8(_mm256_loadu_si256(a), w0)); \
+                p = dpbusd(p, u1, _mm256_sign_epi8(_mm256_loadu_si256(a + 1), w1));                \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sc[r], lanes), acc[r]); \
+            }                                                                                      \
         } else {                                                                                   \
-            __m256i u = five ? _mm256_or_si256(nibbles32(q + 4), bits32_as_0x10(q)) : nibbles32(q); \
-            ACC_UNSIGNED(u, (b), j0 + (b))                                                         \
+            __m256i v = _mm256_loadu2_m128i((const __m128i *)qb, (const __m128i *)qa);            \
+            __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4); \
+            if (five) {                                                                            \
+                uint32_t ha = rd32(qa - 4), hb = rd32(qb - 4);                                     \
+                lo = _mm256_or_si256(lo, bits32_as_0x10((ha & 0xFFFF) | (hb << 16)));              \
+                hi = _mm256_or_si256(hi, bits32_as_0x10((ha >> 16) | (hb & 0xFFFF0000u)));         \
+            }                                                                                      \
+            for (int r = 0; r < mr; r++) {                                                         \
+                const __m256i *a = (const __m256i *)XQ(x, r, j0 + (b));                            \
+                __m256i p;                                                                         \
+                if (VNNI) {                                                                        \
+                    p = dpbusd(dpbusd(_mm256_setzero_si256(), lo, _mm256_loadu_si256(a)), hi, _mm256_loadu_si256(a + 1)); \
+                } else { /* < 64 per weight: the two int16 pair sums cannot overflow */            \
+                    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(a)), \
+                                                   _mm256_maddubs_epi16(hi, _mm256_loadu_si256(a + 1))); \
+                    p = _mm256_madd_epi16(s16, ones);                                              \
+                }                                                                                  \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sc[r], lanes), acc[r]); \
+            }                                                                                      \
         }                                                                                          \
     }
         if (g == 8) { /* a constant trip count: unrolled, addresses folded */
-#pragma GCC unroll 8
-            for (int b = 0; b < 8; b++) B32_BODY(b)
+#pragma GCC unroll 4
+            for (int b = 0; b < 8; b += 2) PAIR_BODY(b)
         } else {
-            for (int b = 0; b < g; b++) B32_BODY(b)
+            int b = 0;
+            for (; b + 1 < g; b += 2) PAIR_BODY(b)
+            if (b < g) { /* the row's last block, alone (its activations are not interleaved) */
+                const uint8_t *q = b0 + b * bb + qoff;
+                __m256i u, s = _mm256_setzero_si256();
+                if (fmt == Q8_0) {
+                    s = _mm256_loadu_si256((const __m256i *)q);
+                    u = _mm256_sign_epi8(s, s);
+                } else {
+                    u = nibbles32(q);
+                    if (five) u = _mm256_or_si256(u, bits32_as_0x10(rd32(q - 4)));
+                }
+                for (int r = 0; r < mr; r++) {
+                    __m256i a = _mm256_loadu_si256((const __m256i *)XQ(x, r, j0 + b));
+                    if (fmt == Q8_0) a = _mm256_sign_epi8(a, s);
+                    __m256i p = dpbusd(_mm256_setzero_si256(), u, a);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                             _mm256_permutevar8x32_ps(sc[r], _mm256_set1_epi32(b)), acc[r]);
+                }
+            }
         }
-#undef B32_BODY
+#undef PAIR_BODY
     }
     ROWDOT_END
 }
 
-/* Q4_K and Q5_K: per super-block, 4 chunks of 32 bytes whose low nibbles are sub-block 2c and
-   high nibbles sub-block 2c + 1 (Q5_K: bit s of qh[l] is the fifth bit of sub-block s); each
-   sub-block's scale d * sc and offset -dmin * m from 6-bit sc, m. */
+/* int16 v (16 lanes) -> the int16 in lane i (< 8) of each 128-bit half, in all 8 lanes of it */
+INLINE __m256i bcast16(__m256i v, int i) { return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * i + 1) << 8 | 2 * i))); }
+INLINE __m256i bcast16_2(__m256i v, int i0, int i1) {
+    return _mm256_shuffle_epi8(v, _mm256_setr_m128i(_mm_set1_epi16((short)((2 * i0 + 1) << 8 | 2 * i0)),
+                                                    _mm_set1_epi16((short)((2 * i1 + 1) << 8 | 2 * i1))));
+}
+
+/* The 8 six-bit scales and mins from the 12 bytes at p (scale_min_k4's layout), in one vector
+   pass: sc16 = [sc_0..7 | sc_0..7] and mn16 = [m_0 m_0 m_1 m_1 ... m_7 m_7] as int16. Reads 16
+   bytes (the 4 after the scales are the block's quants). */
+INLINE void k4_scales(const uint8_t *p, __m256i *sc16, __m256i *mn16) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p); /* u0 u1 u2 _ */
+    __m128i lo = _mm_and_si128(v, _mm_set1_epi32(0x3f3f3f3f)); /* sc 0-3, m 0-3 in lanes 0, 1 */
+    __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(v, 0xA0), _mm_setr_epi32(0, 0, 0, 4)),
+                               _mm_set1_epi32(0x0f0f0f0f)); /* lanes 2, 3: u2 & m4, (u2 >> 4) & m4 */
+    __m128i top = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, 0x40), 6),
+                                               _mm_set1_epi32(0x03030303)), 4); /* lanes 2, 3 from u0, u1 */
+    __m128i all = _mm_blend_epi32(lo, _mm_or_si128(hi, top), 0xC);  /* sc 0-3, m 0-3, sc 4-7, m 4-7 */
+    all = _mm_shuffle_epi32(all, 0xD8);                               /* sc 0-7, m 0-7 */
+    *sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(all));
+    __m128i mn = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(all, all));
+    *mn16 = _mm256_setr_m128i(_mm_unpacklo_epi16(mn, mn), _mm_unpackhi_epi16(mn, mn));
+}
+
+/* Q4_K and Q5_K against Q8_K activations: per super-block, 4 chunks of 32 bytes whose low
+   nibbles are sub-block 2c and high nibbles sub-block 2c + 1 (Q5_K: bit s of qh[l] is the fifth
+   bit of sub-block s). w = d * sc_s * q - dmin * m_s with 6-bit sc_s, m_s: the sub-blocks' dot
+   products times sc_s add up in int32, the offsets are sum_s m_s * (the activation sums). */
 INLINE void rowdot_qk45(const uint8_t *w, const q8rows *x, int64_t nsb, const int mr, float *out, int five) {
     ROWDOT_BEGIN
     const int64_t bb = five ? 176 : 144;
     const __m256i lo4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     for (int64_t sb = 0; sb < nsb / 8; sb++) {
         const uint8_t *b = w + sb * bb, *qs = b + (five ? 48 : 16);
-        /* the 8 six-bit scales and mins, four bytes at a time (scale_min_k4's layout) */
-        uint32_t u[3];
-        memcpy(u, b + 4, 12);
-        const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
-        __m128i sc8 = _mm_setr_epi32((int)(u[0] & m6), (int)((u[2] & m4) | (((u[0] >> 6) & m2) << 4)), 0, 0);
-        __m128i mn8 = _mm_setr_epi32((int)(u[1] & m6), (int)(((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4)), 0, 0);
-        __m256 dw = _mm256_mul_ps(_mm256_set1_ps(f16at(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc8)));
-        __m256 mw = _mm256_mul_ps(_mm256_set1_ps(-f16at(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn8)));
-        GROUP_SCALES(dw, mw, sb * 8)
+        __m256i sc16, mn16;
+        k4_scales(b + 4, &sc16, &mn16);
+        const float d = f16at(b), dmin = f16at(b + 2);
+        __m256i sumi[MR];
+        for (int r = 0; r < mr; r++) sumi[r] = _mm256_setzero_si256();
         __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+#pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                int s = 2 * c + h;
-                __m256i u = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4) : _mm256_and_si256(v, lo4);
-                if (five) {
-                    __m256i hb = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), one);
-                    u = _mm256_or_si256(u, _mm256_slli_epi16(hb, 4));
-                }
-                ACC_UNSIGNED(u, s, sb * 8 + s)
+                const int s = 2 * c + h;
+                __m256i q = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4) : _mm256_and_si256(v, lo4);
+                if (five) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), one), 4));
+                __m256i scs = bcast16(sc16, s);
+                for (int r = 0; r < mr; r++)
+                    sumi[r] = dot_scaled(sumi[r], q, _mm256_loadu_si256((const __m256i *)XQ(x, r, sb * 8 + s)), scs);
             }
+        }
+        for (int r = 0; r < mr; r++) {
+            const float dx = *XD(x, r, sb);
+            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS(x, r, sb)), mn16);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(-dmin * dx), acc[r]);
         }
     }
     ROWDOT_END
 }
 
+/* Q6_K against Q8_K activations: q = 6 bits - 32 with an int8 scale per 16 weights. The
+   unsigned 6 bits times the activations, times the scales, add up in int32 over the
+   super-block; the -32 comes off once, as 32 * sum of scale * activation sum per 16. */
 INLINE void rowdot_q6_k(const uint8_t *w, const q8rows *x, int64_t nsb, const int mr, float *out) {
     ROWDOT_BEGIN
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-    const __m256 zero = _mm256_setzero_ps();
+    const __m256i lo4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     for (int64_t sb = 0; sb < nsb / 8; sb++) {
         const uint8_t *b = w + sb * 210;
-        const int8_t *scales = (const int8_t *)(b + 192);
-        GROUP_SCALES(_mm256_set1_ps(f16at(b + 208)), zero, sb * 8)
-        /* the 16 int8 scales as int32 lanes holding the scale in both 16-bit halves, so one
-           permute gives a sub-block's [scale of its first 16 x 8 | of its second 16 x 8] */
-        __m256i sc_dup[2];
-        for (int i = 0; i < 2; i++) {
-            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scales + 8 * i)));
-            sc_dup[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16));
-        }
+        __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))); /* 16 scales */
+        __m256i sc_half[2] = {_mm256_permute2x128_si256(sc_all, sc_all, 0x00),
+                              _mm256_permute2x128_si256(sc_all, sc_all, 0x11)};
+        __m256i sumi[MR];
+        for (int r = 0; r < mr; r++) sumi[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
         for (int half = 0; half < 2; half++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * half));
             __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32));
             __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
+#pragma GCC unroll 4
             for (int p = 0; p < 4; p++) {
                 __m256i ql = p & 1 ? ql1 : ql0;
                 __m256i nib = p >= 2 ? _mm256_and_si256(_mm256_srli_epi16(ql, 4), lo4) : _mm256_and_si256(ql, lo4);
-                __m256i hb = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * p)), three);
-                __m256i s = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16(hb, 4)), off);
-                const int i0 = 2 * p, i1 = 2 * p + 1;
-                __m256i sc16 = _mm256_permutevar8x32_epi32(sc_dup[half],
-                                                           _mm256_setr_epi32(i0, i0, i0, i0, i1, i1, i1, i1));
-                ACC_SIGNED(s, sc16, half * 4 + p, sb * 8 + half * 4 + p)
+                __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), three);
+                __m256i q = _mm256_or_si256(nib, _mm256_slli_epi16(hb, 4));
+                __m256i scs = bcast16_2(sc_half[half], 2 * p, 2 * p + 1);
+                for (int r = 0; r < mr; r++)
+                    sumi[r] = dot_scaled(sumi[r], q, _mm256_loadu_si256((const __m256i *)XQ(x, r, sb * 8 + half * 4 + p)), scs);
             }
+        }
+        const float d = f16at(b + 208);
+        for (int r = 0; r < mr; r++) {
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS(x, r, sb)), sc_all);
+            __m256i s = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *XD(x, r, sb)), acc[r]);
         }
     }
     ROWDOT_END
@@ -421,16 +573,19 @@ INLINE void rowdot(int fmt, const uint8_t *w, const q8rows *x, int64_t nsb, cons
 
 INLINE void rowdot(int fmt, const uint8_t *w, const q8rows *x, int64_t nsb, const int mr, float *out) {
     float acc[MR] = {0};
+    const int kq = fmt >= Q4_K;
     for (int64_t j = 0; j < nsb; j++) {
         int8_t q[32];
         float d0, d1, mn;
         unpack_sub(fmt, w, j, q, &d0, &d1, &mn);
         for (int r = 0; r < mr; r++) {
             const int8_t *a = XQ(x, r, j);
-            int s0 = 0, s1 = 0;
+            int s0 = 0, s1 = 0, sa = 0;
             for (int l = 0; l < 16; l++) s0 += q[l] * a[l];
             for (int l = 16; l < 32; l++) s1 += q[l] * a[l];
-            acc[r] += *XD(x, r, j) * (d0 * (float)s0 + d1 * (float)s1) + mn * *XS(x, r, j);
+            for (int l = 0; l < 32; l++) sa += a[l];
+            float dx = *XD(x, r, kq ? j / 8 : j);
+            acc[r] += dx * (d0 * (float)s0 + d1 * (float)s1 + mn * (float)sa);
         }
     }
     for (int r = 0; r < mr; r++) out[r] = acc[r];
@@ -465,12 +620,17 @@ int64_t rl_quant_row_bytes(int fmt, int64_t k) { return k / BLOCK_WEIGHTS[fmt] *
 void rl_quant_matmul(int fmt, const uint8_t *w, int64_t n, int64_t k, const void *x, int64_t m, int bf,
                      const void *bias, void *y, int64_t threads) {
     int64_t nsb = k / 32, row_bytes = rl_quant_row_bytes(fmt, k);
-    int64_t xstride = q8_stride(nsb);
+    const int kq = fmt >= Q4_K; /* K-quants: activations per 256 (Q8_K), else per 32 */
+    int64_t xstride = kq ? q8k_stride(nsb) : q8_stride(nsb);
     uint8_t *xq = (uint8_t *)malloc((size_t)(m * xstride));
     int nt = (int)(threads < 1 ? 1 : threads);
     if (n * nsb * m < PARALLEL_MIN_WORK) nt = 1;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && m >= 64)
-    for (int64_t r = 0; r < m; r++) quantize_row_q8((const char *)x + r * k * (bf ? 2 : 4), k, bf, xq + r * xstride);
+    for (int64_t r = 0; r < m; r++) {
+        const void *xr = (const char *)x + r * k * (bf ? 2 : 4);
+        if (kq) quantize_row_q8k(xr, k, bf, xq + r * xstride);
+        else quantize_row_q8(xr, k, bf, xq + r * xstride);
+    }
     /* decode: one tile of rows, weight rows split evenly; wide steps: chunks of NC rows */
     int64_t chunk = m <= MR ? (n + nt - 1) / nt : NC;
     int64_t chunks = (n + chunk - 1) / chunk;
@@ -479,7 +639,7 @@ void rl_quant_matmul(int fmt, const uint8_t *w, int64_t n, int64_t k, const void
         int64_t n0 = c * chunk, n1 = n0 + chunk < n ? n0 + chunk : n;
         for (int64_t m0 = 0; m0 < m; m0 += MR) {
             int mr = (int)(m - m0 < MR ? m - m0 : MR);
-            q8rows tile = {xq + m0 * xstride, nsb, (nsb + 7) / 8 * 8, xstride};
+            q8rows tile = q8_layout(xq + m0 * xstride, nsb, kq);
             for (int64_t row = n0; row < n1; row++) {
                 float out[MR];
                 rowdot_any(fmt, w + row * row_bytes, &tile, nsb, mr, out);
