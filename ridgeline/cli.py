@@ -128,6 +128,21 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = serve.add_argument_group("connections and requests")
+    g.add_argument("--max-request-bytes", default="4MiB", metavar="SIZE",
+                   help="largest request body, e.g. 4MiB or 500000; larger ones get 413 (default: 4MiB)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="a request head (line and headers) must arrive within S seconds of the connection "
+                        "or of its first byte, else 408 and close (default: 10)")
+    g.add_argument("--idle-timeout", type=float, default=10.0, metavar="S",
+                   help="close a keep-alive connection idle for S seconds, and answer 408 to a body that "
+                        "stalls that long (default: 10)")
+    g.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections at most; one more is answered 503 and closed (default: 1024)")
+    g.add_argument("--allowed-hosts", default=None, metavar="H[,H...]",
+                   help="Host header values (names or addresses; '*' for any) the server answers; others get "
+                        "421 (default: the --host address, localhost, 127.0.0.1 and ::1; for 0.0.0.0 or :: "
+                        "also any IP address and this machine's name)")
     _engine_args(serve)
     g = serve.add_argument_group("scheduling")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)")
@@ -322,6 +337,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for name in ("header_timeout", "idle_timeout"):
+        value = getattr(args, name)
+        if not 0 < value < float("inf"):
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
+    if args.max_connections < 1:
+        raise UsageError(f"--max-connections must be >= 1, got {args.max_connections}")
+    from .kv_cache import parse_memory_size
+
+    try:
+        max_request_bytes = parse_memory_size(args.max_request_bytes)
+    except ValueError:
+        raise UsageError(f"--max-request-bytes: cannot parse {args.max_request_bytes!r}; use bytes or e.g. "
+                         "'4MiB', '512KiB' (> 0)") from None
+    allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",")] if args.allowed_hosts is not None else None
+    from .server.hosts import host_policy
+
+    try:
+        host_policy(args.host, allowed_hosts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("RIDGELINE_API_KEY") or None
     kwargs = _engine_kwargs(args)
     config = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs,
@@ -336,7 +371,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(levelname)s: %(message)s")
     return serve(config, ServeOptions(host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
                                       served_model_name=args.served_model_name,
-                                      shutdown_timeout=args.shutdown_timeout, log_level=args.log_level))
+                                      shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                                      max_request_bytes=max_request_bytes, header_timeout=args.header_timeout,
+                                      idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                                      allowed_hosts=allowed_hosts))
 
 
 def _check_listen(host: str, port: int) -> None:

@@ -1,9 +1,11 @@
 """FastAPI routes of the OpenAI-compatible server.
 
 Handlers parse and validate the body themselves (limits.py bounds it first), so bad JSON and
-wrongly typed fields are 400s in OpenAI's error format, never FastAPI's 422; they run
-tokenization and admission in the engine thread through AsyncEngine.call, then either collect
-the final outputs or stream deltas as server-sent events. A request that ends early (client
+wrongly typed fields are 400s in OpenAI's error format, never FastAPI's 422; they render and
+tokenize prompts in a worker thread (preprocess.py), add them in the engine thread through
+AsyncEngine.call, then either collect the final outputs or stream deltas as server-sent events.
+In front of the routes: the Host allow-list (hosts.py), the API key (auth.py) and closing a
+connection whose request body was left unread (wire.py). A request that ends early (client
 gone, cancelled by shutdown) is aborted, by `_collect` or by the event stream's close, which
 frees its KV blocks before the next step.
 """
@@ -14,10 +16,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,10 +31,14 @@ from ..engine import LLMEngine
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineDeadError
-from .limits import BodyLimits, limits_for, read_json
+from .auth import APIKeyMiddleware
+from .hosts import HostCheckMiddleware, HostPolicy
+from .limits import BODY_IDLE_TIMEOUT_S, MAX_BODY_BYTES, BodyLimits, limits_for, read_json
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .preprocess import PreparedPrompt, Preprocessor, PromptRules
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, RequestMeta, error_from_validation,
                        error_from_value, usage)
+from .wire import CloseWhenBodyUnread
 
 log = logging.getLogger("ridgeline.server")
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks whether its client left
@@ -43,16 +49,10 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_queue: int | None = None  # requests admitted but not yet running; beyond this: 503
+    max_request_bytes: int = MAX_BODY_BYTES  # a larger body is a 413
+    body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S  # a body that stalls this long is a 408
+    hosts: HostPolicy = field(default_factory=HostPolicy)  # Host headers answered; others get 421
     limits: BodyLimits | None = None  # None: derived from the engine's vocabulary and context length
-
-
-@dataclass
-class _Prompt:
-    """A prompt as admitted by the engine thread."""
-
-    text: str
-    token_ids: list[int]
-    first_token: str  # decoded first token (echo + logprobs: its logprob is null)
 
 
 # ---------------------------------------------------------------------- app
@@ -61,14 +61,17 @@ class _Prompt:
 def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
     """The ASGI app over a running AsyncEngine; shutting the app down stops the engine thread."""
 
+    limits = config.limits or limits_for(aengine.engine, config.max_request_bytes, config.body_idle_timeout_s)
+    preprocessor = Preprocessor(PromptRules.from_engine(aengine.engine, limits.max_string_chars))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        preprocessor.shutdown()
         aengine.shutdown()
 
     app = FastAPI(title="ridgeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    server = _Server(aengine, metrics, config)
-    limits = config.limits or limits_for(aengine.engine)
+    server = _Server(aengine, metrics, config, preprocessor)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -80,8 +83,11 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         msg = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(APIError(exc.status_code, msg, type_=kind).body(), status_code=exc.status_code)
 
+    # Added innermost first: a request meets the Host check, then the key, then the routes.
     if config.api_key is not None:
-        app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(HostCheckMiddleware, policy=config.hosts)
+    app.add_middleware(CloseWhenBodyUnread)  # around every early answer (421, 401, 404, 413, 415, ...)
     app.add_middleware(_InternalErrorMiddleware)  # added last: outermost of ours
 
     @app.get("/health")
@@ -115,29 +121,6 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         return await server.chat(req, request)
 
     return app
-
-
-class _APIKeyMiddleware:
-    """Bearer-token check on /v1 routes, as plain ASGI (BaseHTTPMiddleware would wrap `receive`
-    and hide client disconnects from the handlers)."""
-
-    def __init__(self, app: Callable, api_key: str):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            err = None
-            if not header:
-                err = APIError(401, "missing API key: send 'Authorization: Bearer KEY'",
-                               type_="authentication_error", code="invalid_api_key")
-            elif scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-                err = APIError(401, "incorrect API key provided", type_="authentication_error", code="invalid_api_key")
-            if err is not None:
-                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class _InternalErrorMiddleware:
@@ -201,7 +184,7 @@ class _Job:
     meta: RequestMeta
     request_ids: list[str]
     queue: asyncio.Queue
-    prompts: list[_Prompt]
+    prompts: list[PreparedPrompt]
     params: SamplingParams
     finals: dict[str, RequestOutput] = field(default_factory=dict)
 
@@ -214,13 +197,16 @@ class _Job:
 
 
 class _Server:
-    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig):
-        self.aengine, self.metrics, self.config = aengine, metrics, config
+    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig,
+                 preprocessor: Preprocessor):
+        self.aengine, self.metrics, self.config, self.preprocessor = aengine, metrics, config, preprocessor
         self.created = int(time.time())
 
     def model_card(self) -> dict:
+        # `root` is the model's file (or directory) name: its absolute path would tell any client
+        # where the server's files live.
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "ridgeline",
-                "root": str(self.aengine.engine.model_path), "parent": None,
+                "root": Path(self.aengine.engine.model_path).name, "parent": None,
                 "max_model_len": self.aengine.engine.max_model_len}
 
     # -------------------------------------------------------------- admission
@@ -239,26 +225,33 @@ class _Server:
 
     async def _submit(self, prefix: str, model: str | None, prompts: list, params: SamplingParams,
                       prompt_param: str) -> _Job:
-        """Tokenize, check lengths and add every prompt in the engine thread (all or none)."""
+        """Render, tokenize and check every prompt in the preprocessing thread, then add them all
+        in the engine thread (all or none)."""
         self._check_model(model)
         self._check_ready(len(prompts))
+        try:
+            prepared = await self.preprocessor.prepare(prompts, params, prompt_param)
+        except (ValueError, TypeError) as exc:  # APIError is neither: it goes up as it is
+            raise error_from_value(exc, prompt_param) from None
+        self._check_ready(len(prompts))  # preprocessing took a while: the queue may have filled
         meta = RequestMeta.new(prefix, self.config.model_name)
         rids = [f"{meta.id}-{i}" for i in range(len(prompts))]
         q = self.aengine.open_streams(rids)
 
-        def admit(engine: LLMEngine) -> list[_Prompt]:
-            admitted: list[_Prompt] = []
+        def admit(engine: LLMEngine) -> None:
+            added: list[str] = []
             try:
-                for rid, prompt in zip(rids, prompts):
-                    admitted.append(_admit_one(engine, rid, prompt, params, prompt_param))
+                for rid, prompt in zip(rids, prepared):
+                    engine.add_request({"prompt_token_ids": prompt.token_ids}, params, request_id=rid)
+                    engine.requests[rid].prompt = prompt.text
+                    added.append(rid)
             except Exception:
-                for rid in rids[:len(admitted)]:
+                for rid in added:
                     engine.abort_request(rid)
                 raise
-            return admitted
 
         try:
-            admitted = await self.aengine.call(admit)
+            await self.aengine.call(admit)
         except APIError:
             self.aengine.close_streams(rids)
             raise
@@ -271,7 +264,7 @@ class _Server:
         except BaseException:
             self.aengine.abort(rids)
             raise
-        return _Job(meta, rids, q, admitted, params)
+        return _Job(meta, rids, q, prepared, params)
 
     async def _next(self, job: _Job) -> RequestOutput:
         item = await job.queue.get()
@@ -454,55 +447,6 @@ class _Server:
             yield "data: [DONE]\n\n"
 
 
-# ---------------------------------------------------------------------- engine-thread admission
-
-
-def _admit_one(engine: LLMEngine, rid: str, prompt: Any, params: SamplingParams, param: str) -> _Prompt:
-    tok = engine.tokenizer
-    if isinstance(prompt, tuple):  # chat: (messages, add_generation_prompt)
-        messages, add_gen = prompt
-        if not tok.chat_template:
-            raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_gen)
-        except Exception as exc:  # jinja raises on conversations the template refuses
-            raise APIError(400, f"messages: the chat template rejected the conversation: {exc}",
-                           param="messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
-    elif isinstance(prompt, str):
-        text, ids = prompt, engine.tokenize(prompt)
-    else:
-        vocab = engine.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is out of range [0, {vocab - 1}]", param="prompt")
-        ids = list(prompt)
-        text = tok.decode(ids)
-    limit = engine.max_model_len
-    if len(ids) >= limit:
-        raise APIError(400, f"{param}: this model's maximum context length is {limit} tokens, but the {param} "
-                            f"has {len(ids)} tokens (at most {limit - 1} leave room for output)", param=param)
-    if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-        raise APIError(400, f"max_tokens: this model's maximum context length is {limit} tokens; the request "
-                            f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the {param}, "
-                            f"{params.max_tokens} in the completion)", param="max_tokens")
-    _check_fits_kv_pool(engine, len(ids), params.max_tokens if params.max_tokens is not None else limit - len(ids))
-    engine.add_request({"prompt_token_ids": ids}, params, request_id=rid)
-    engine.requests[rid].prompt = text
-    return _Prompt(text=text, token_ids=ids, first_token=tok.decode(ids[:1]))
-
-
-def _check_fits_kv_pool(engine: LLMEngine, num_prompt: int, max_new: int) -> None:
-    """Each sample needs KV blocks for its whole sequence at once (samples of one request can take
-    turns, through preemption, so only one sequence must fit). The engine sizes its pool to at
-    least the context length, which makes this a guard against a queue that would never move."""
-    bs, pool = engine.cache_config.block_size, engine.cache_config.num_blocks
-    need = -(-(num_prompt + max_new) // bs)
-    if need > pool:
-        raise APIError(400, f"max_tokens: {num_prompt} prompt + {max_new} completion tokens need {need} KV-cache "
-                            f"blocks, but the pool holds {pool} ({pool * bs} tokens)", param="max_tokens")
-
-
 # ---------------------------------------------------------------------- formatting
 
 
@@ -564,7 +508,7 @@ def _completion_logprobs(positions: list, token_ids: list[int], k: int, offset: 
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _merge_echo_logprobs(prompt: _Prompt, out: RequestOutput, completion: dict, k: int) -> dict:
+def _merge_echo_logprobs(prompt: PreparedPrompt, out: RequestOutput, completion: dict, k: int) -> dict:
     """Echo: prompt tokens' logprobs (the first is null) followed by the completion's."""
     entries = out.prompt_logprobs or []
     first = {"tokens": [prompt.first_token], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}

@@ -1,9 +1,14 @@
 """Reading a request body within bounds, before any field is validated.
 
-Python's int() refuses strings of more than 4,300 digits (a ValueError deep inside
-json.loads), a lone UTF-16 surrogate ("\\ud800" is valid JSON) cannot be encoded as UTF-8 when
-it is echoed or tokenized, and a body is otherwise read whole into memory. So the body is read
-with a size cap and an idle timeout, integers are parsed with a digit cap, and every string
+POST bodies must be declared `application/json` (UTF-8): a browser sends `text/plain`, form and
+multipart bodies cross-origin without a CORS preflight, so accepting them would let any web page
+drive a local server that has no API key (415 otherwise).
+
+Python's int() refuses strings of more than 4,300 digits (a ValueError deep inside json.loads),
+a lone UTF-16 surrogate ("\\ud800" is valid JSON) cannot be encoded as UTF-8 when it is echoed
+or tokenized, and a body is otherwise read whole into memory. So the body is read with a size
+cap (--max-request-bytes; a declared Content-Length over it is refused before any byte is read)
+and an idle timeout, integers are parsed with a digit cap, and every string
 (keys included) is checked for surrogates and for a length no prompt could have: each answer a
 400 naming the field, known or not.
 """
@@ -20,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from ..engine import LLMEngine
 from .protocol import APIError
 
-MAX_BODY_BYTES = 32 << 20  # 256 prompts x a long context still fit; a client cannot make us buffer more
+MAX_BODY_BYTES = 4 << 20  # default of --max-request-bytes: 80 full-context (8k) prompts as token ids
 MAX_INT_DIGITS = 64  # every valid integer field (seeds, token ids) has at most 20 digits
 BODY_IDLE_TIMEOUT_S = 10.0  # a client that stops sending mid-body is answered 408, not waited on forever
 FALLBACK_TOKEN_CHARS = 128  # characters per token when the vocabulary cannot be measured
@@ -34,7 +39,8 @@ class BodyLimits:
     body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S
 
 
-def limits_for(engine: LLMEngine) -> BodyLimits:
+def limits_for(engine: LLMEngine, max_body_bytes: int = MAX_BODY_BYTES,
+               body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> BodyLimits:
     """A string longer than (longest token in characters) x (context length) cannot tokenize to
     fewer tokens than the context holds, so refusing it before tokenization rejects nothing valid
     and keeps the engine thread from tokenizing megabytes."""
@@ -44,7 +50,8 @@ def limits_for(engine: LLMEngine) -> BodyLimits:
             longest = max(longest, len(tok.decode([i])))
         except Exception:  # ids past the tokenizer's vocabulary (padded embeddings)
             continue
-    return BodyLimits(max_string_chars=(longest or FALLBACK_TOKEN_CHARS) * engine.max_model_len)
+    return BodyLimits(max_string_chars=(longest or FALLBACK_TOKEN_CHARS) * engine.max_model_len,
+                      max_body_bytes=max_body_bytes, body_idle_timeout_s=body_idle_timeout_s)
 
 
 class _LongInt:
@@ -55,8 +62,25 @@ class _LongInt:
 
 
 async def read_json(request: Request, limits: BodyLimits) -> dict:
-    """The request's JSON object, or an APIError (400, 408 or 413) that says what is wrong."""
+    """The request's JSON object, or an APIError (400, 408, 413 or 415) that says what is wrong.
+    The media type and the declared size are checked before a byte of the body is read."""
+    check_content_type(request.scope["headers"])
     return parse_json(await _read_body(request, limits), limits)
+
+
+def check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
+    """415 unless the body is declared `application/json` (parameters allowed; a charset must be UTF-8)."""
+    values = [v for k, v in headers if k == b"content-type"]
+    if len(values) > 1:
+        raise APIError(400, f"Content-Type: the header appears {len(values)} times; send it once")
+    value = values[0].decode("latin-1") if values else ""
+    media, *params = (part.strip() for part in value.split(";"))
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params)
+                    if k.strip().lower() == "charset"), "utf-8")
+    if media.lower() != "application/json" or charset not in ("utf-8", "utf8"):
+        shown = repr(value if len(value) <= 100 else value[:100] + "...") if value else "none"
+        raise APIError(415, f"Content-Type: this route takes 'application/json' (UTF-8), got {shown}",
+                       code="unsupported_media_type")
 
 
 async def _read_body(request: Request, limits: BodyLimits) -> bytes:
@@ -84,7 +108,8 @@ async def _read_body(request: Request, limits: BodyLimits) -> bytes:
 
 
 def _too_large(limits: BodyLimits) -> APIError:
-    return APIError(413, f"the request body exceeds {limits.max_body_bytes} bytes", code="request_too_large")
+    return APIError(413, f"the request body exceeds {limits.max_body_bytes} bytes (the server's --max-request-bytes)",
+                    code="request_too_large")
 
 
 def parse_json(raw: bytes, limits: BodyLimits) -> dict:

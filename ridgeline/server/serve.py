@@ -1,7 +1,8 @@
 """Start the server: load the engine, wrap it, and run uvicorn until SIGTERM/SIGINT.
 
 The engine's step loop owns the main thread; uvicorn runs in a second one, speaking HTTP/1.1
-through wire.GuardedH11Protocol. On a signal uvicorn
+through wire.GuardedH11Protocol (header timeout, connection cap), with uvicorn's keep-alive
+timeout as the idle timeout between requests. On a signal uvicorn
 stops accepting connections, lets in-flight responses finish for up to
 `shutdown_timeout` seconds, cancels the rest (their handlers abort their requests), then the
 app's lifespan stops the engine thread. We install our own signal handlers so that a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import threading
 from collections.abc import Iterator
@@ -25,8 +27,10 @@ from fastapi import FastAPI
 from ..engine import EngineConfig, LLMEngine
 from .app import ServerConfig, build_app
 from .async_engine import AsyncEngine
+from .hosts import host_policy
+from .limits import BODY_IDLE_TIMEOUT_S, MAX_BODY_BYTES
 from .metrics import ServerMetrics
-from .wire import GuardedH11Protocol
+from .wire import HEAD_TIMEOUT_S, MAX_CONNECTIONS, WireLimits, guarded_protocol
 
 log = logging.getLogger("ridgeline.server")
 
@@ -40,6 +44,11 @@ class ServeOptions:
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    max_request_bytes: int = MAX_BODY_BYTES
+    header_timeout: float = HEAD_TIMEOUT_S  # until a request head is complete
+    idle_timeout: float = BODY_IDLE_TIMEOUT_S  # silence mid-body (408) or between keep-alive requests (close)
+    max_connections: int | None = MAX_CONNECTIONS
+    allowed_hosts: list[str] | None = None  # None: the bind address and the loopback names
 
 
 def default_model_name(engine: LLMEngine) -> str:
@@ -47,15 +56,36 @@ def default_model_name(engine: LLMEngine) -> str:
     return path.name[:-len(".gguf")] if path.name.endswith(".gguf") else path.name
 
 
-def create_app(engine: LLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               max_queue: int | None = None, start_thread: bool = True) -> tuple[FastAPI, AsyncEngine]:
+def create_app(engine: LLMEngine, options: ServeOptions | None = None,
+               start_thread: bool = True) -> tuple[FastAPI, AsyncEngine]:
     """App plus the AsyncEngine that owns `engine` from now on (its step thread is running, unless
     start_thread=False: then the caller runs aengine.run())."""
-    name = served_model_name or default_model_name(engine)
+    options = options or ServeOptions()
+    name = options.served_model_name or default_model_name(engine)
     metrics = ServerMetrics(name)
     aengine = AsyncEngine(engine, metrics, start_thread=start_thread)
-    app = build_app(aengine, metrics, ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue))
-    return app, aengine
+    config = ServerConfig(model_name=name, api_key=options.api_key, max_queue=options.max_queue,
+                          max_request_bytes=options.max_request_bytes, body_idle_timeout_s=options.idle_timeout,
+                          hosts=host_policy(options.host, options.allowed_hosts))
+    return build_app(aengine, metrics, config), aengine
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Lift the soft open-files limit towards `needed` (the connection cap plus headroom), so that
+    the cap, not EMFILE from accept(), is what refuses connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+        if target < needed:
+            log.warning("open-files limit is %d: fewer than --max-connections %d can be served", target,
+                        needed - _FD_HEADROOM)
+
+
+_FD_HEADROOM = 64  # model files, pipes, the listening socket, ...
 
 
 class _Server(uvicorn.Server):
@@ -97,14 +127,19 @@ def serve(engine_config: EngineConfig, options: ServeOptions) -> int:
     """The engine's step loop runs in the main thread (torch's CPU kernels are fastest there) and
     uvicorn's event loop in a second thread; SIGTERM/SIGINT reach the main thread and tell uvicorn
     to shut down gracefully, after which the app's lifespan stops the step loop."""
+    hosts = host_policy(options.host, options.allowed_hosts)  # a bad --allowed-hosts fails before the load
     engine = LLMEngine(engine_config)
-    app, aengine = create_app(engine, options.served_model_name, options.api_key, options.max_queue,
-                              start_thread=False)
+    app, aengine = create_app(engine, options, start_thread=False)
+    if options.max_connections is not None:
+        _raise_fd_limit(options.max_connections + _FD_HEADROOM)
+    protocol = guarded_protocol(WireLimits(head_timeout_s=options.header_timeout,
+                                           max_connections=options.max_connections))
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=options.shutdown_timeout, access_log=False,
-                            lifespan="on", http=GuardedH11Protocol)
+                            timeout_keep_alive=options.idle_timeout, lifespan="on", http=protocol)
     server = _Server(config, aengine)
-    log.info("serving %s on http://%s:%d", default_model_name(engine), options.host, options.port)
+    log.info("serving %s on http://%s:%d (answering to Host %s)", default_model_name(engine), options.host,
+             options.port, hosts.describe())
 
     def run_http() -> None:
         try:
