@@ -65,6 +65,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): a GGUF's quantized weights stay in their formats (Q4_0/1, Q5_0/1, Q8_0, "
                         "Q4_K, Q5_K, Q6_K); none: dequantize to --dtype; q8_0 / q4_0 / q4_k: also quantize dense "
                         "weights (Hugging Face checkpoints) to that format at load")
+    g.add_argument("--quant-activation-bytes", type=int, default=2, choices=[1, 2],
+                   help="bytes per activation value in the quantized matmuls: 2 (default; about 15 bits, greedy "
+                        "outputs follow the float32 reference) or 1 (8 bits as llama.cpp, less work per weight)")
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
                         "use with the system C compiler (default: on; off = PyTorch ops only)")
@@ -217,7 +220,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
-                  cpu_kernels=args.cpu_kernels)
+                  quant_activation_bytes=args.quant_activation_bytes, cpu_kernels=args.cpu_kernels)
     EngineConfig(model=args.model, **kwargs)
     parse_memory_size(args.kv_cache_memory)
     return kwargs

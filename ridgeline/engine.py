@@ -75,6 +75,10 @@ class EngineConfig:
     # "none": dequantize them to `dtype` (the reference path); "q8_0" / "q4_0" / "q4_k": also
     # quantize dense matrices (Hugging Face checkpoints) to that format at load.
     quantization: str = "auto"
+    # bytes per activation value in the block-quantized matmuls (kernels/quant_kernels.c): 2 =
+    # about 15 bits (greedy outputs follow the float32 reference), 1 = 8 bits as llama.cpp (its
+    # numerics; less integer work per weight, so faster when a step is compute-bound: prefill)
+    quant_activation_bytes: int = 2
     # fused C kernels for the per-layer elementwise work on CPU (ridgeline/kernels; compiled at
     # first use, skipped without a C compiler). False: PyTorch ops only.
     cpu_kernels: bool = True
@@ -89,6 +93,8 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
                              f"got {self.quantization!r}")
+        if self.quant_activation_bytes not in (1, 2):
+            raise ValueError(f"quant_activation_bytes must be 1 or 2, got {self.quant_activation_bytes!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -130,7 +136,8 @@ class LLMEngine:
             self.model_path = ckpt.path
             self.model_config: ModelConfig = ckpt.config
             self.tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_metadata)
-            self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels)
+            self.model = Transformer(ckpt.config, ckpt.weights, self.dtype, self.device, config.cpu_kernels,
+                                     config.quant_activation_bytes)
             del ckpt
 
         mc = self.model_config

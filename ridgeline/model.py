@@ -89,7 +89,7 @@ class SplitLinear:
 
 
 def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | None,
-                kernels: CpuKernels | None) -> Linear | QuantLinear | SplitLinear:
+                kernels: CpuKernels | None, activation_bytes: int = 2) -> Linear | QuantLinear | SplitLinear:
     """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
     Block-quantized parts (present only where `kernels` runs them, see Transformer) are joined
     when they share a format, else run side by side."""
@@ -97,38 +97,41 @@ def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | No
     if kinds == {None}:
         return Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
     if len(kinds) == 1:
-        return QuantLinear(QuantWeight.cat(parts) if len(parts) > 1 else parts[0], kernels, bias)
+        return QuantLinear(QuantWeight.cat(parts) if len(parts) > 1 else parts[0], kernels, bias, activation_bytes)
     # mixed: block formats side by side, or blocks beside a dense part (a type without a kernel)
     biases = bias.split([p.shape[0] for p in parts]) if bias is not None else [None] * len(parts)
-    return SplitLinear([make_linear([p], None if b is None else b.contiguous(), kernels)
+    return SplitLinear([make_linear([p], None if b is None else b.contiguous(), kernels, activation_bytes)
                         for p, b in zip(parts, biases)])
 
 
 class Layer:
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor | QuantWeight], prefix: str,
-                 kernels: CpuKernels | None):
+                 kernels: CpuKernels | None, activation_bytes: int = 2):
         """Takes (pops) the layer's weights out of `w`, so fusing them never holds two copies."""
+        def linear(parts: list, bias: torch.Tensor | None) -> Linear | QuantLinear | SplitLinear:
+            return make_linear(parts, bias, kernels, activation_bytes)
+
         att = prefix + "self_attn."
         self.input_norm = w.pop(prefix + "input_layernorm.weight")
         self.post_norm = w.pop(prefix + "post_attention_layernorm.weight")
         bias = None
         if cfg.attention_bias:
             bias = torch.cat([w.pop(att + "q_proj.bias"), w.pop(att + "k_proj.bias"), w.pop(att + "v_proj.bias")])
-        self.qkv = make_linear([w.pop(att + "q_proj.weight"), w.pop(att + "k_proj.weight"),
-                                w.pop(att + "v_proj.weight")], bias, kernels)
-        self.o = make_linear([w.pop(att + "o_proj.weight")], w.pop(att + "o_proj.bias", None), kernels)
+        self.qkv = linear([w.pop(att + "q_proj.weight"), w.pop(att + "k_proj.weight"), w.pop(att + "v_proj.weight")],
+                          bias)
+        self.o = linear([w.pop(att + "o_proj.weight")], w.pop(att + "o_proj.bias", None))
         self.q_norm = w.pop(att + "q_norm.weight", None)
         self.k_norm = w.pop(att + "k_norm.weight", None)
         mlp = prefix + "mlp."
-        self.gate_up = make_linear([w.pop(mlp + "gate_proj.weight"), w.pop(mlp + "up_proj.weight")], None, kernels)
-        self.down = make_linear([w.pop(mlp + "down_proj.weight")], None, kernels)
+        self.gate_up = linear([w.pop(mlp + "gate_proj.weight"), w.pop(mlp + "up_proj.weight")], None)
+        self.down = linear([w.pop(mlp + "down_proj.weight")], None)
 
 
 class Transformer:
     """Weights plus a forward over the flat batch; no autograd, no nn.Module machinery."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
-                 device: torch.device, cpu_kernels: bool = True):
+                 device: torch.device, cpu_kernels: bool = True, quant_activation_bytes: int = 2):
         """Takes the weights out of `weights` as it builds (the dict is left empty)."""
         self.config = config
         self.dtype = dtype
@@ -152,12 +155,13 @@ class Transformer:
         w = weights
         self.quant_kernels = quant
         self.embed = w.pop("model.embed_tokens.weight")
-        self.layers = [Layer(config, w, f"model.layers.{i}.", quant) for i in range(config.num_layers)]
+        self.layers = [Layer(config, w, f"model.layers.{i}.", quant, quant_activation_bytes)
+                       for i in range(config.num_layers)]
         self.norm = w.pop("model.norm.weight")
         lm_head = w.pop("lm_head.weight", None)
         if config.tie_word_embeddings or lm_head is None:
             lm_head = self.embed
-        self.lm_head = make_linear([lm_head], None, quant)
+        self.lm_head = make_linear([lm_head], None, quant, quant_activation_bytes)
         inv_freq = rope_inv_freq(config, rope_freqs).to(device)
         pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)

@@ -82,17 +82,20 @@ def check_quantizable(fmt: str, shape: tuple[int, ...], name: str) -> None:
 
 
 class QuantLinear:
-    """y = x @ W^T (+ b) for a QuantWeight, any number of rows, in x's dtype (float32 or bfloat16)."""
+    """y = x @ W^T (+ b) for a QuantWeight, any number of rows, in x's dtype (float32 or bfloat16),
+    with the activations quantized to `activation_bytes` bytes per value (see quant_kernels.c)."""
 
-    def __init__(self, weight: QuantWeight, kernels: CpuKernels, bias: torch.Tensor | None = None):
+    def __init__(self, weight: QuantWeight, kernels: CpuKernels, bias: torch.Tensor | None = None,
+                 activation_bytes: int = 2):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.kernels = kernels
         self.bias = bias
+        self.activation_bytes = activation_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.quant_matmul(self.weight.kernel_id, self.weight.data, self.out_features, self.in_features,
-                                         x.contiguous(), self.bias)
+                                         x.contiguous(), self.bias, self.activation_bytes)
 
 
 # ---------------------------------------------------------------- quantizing dense weights

@@ -3,12 +3,13 @@ reference: the `gguf` package's dequantization, then a float64 matmul, for every
 random blocks and on real tensors of the Gemma-3-270M GGUF, for every kernel variant (scalar,
 avx2, avx512) this CPU runs.
 
-Error bound. The kernels quantize each run of 32 activations (of 256 for the K-quants) to 8 bits
-(d = max|x| / 127, a = round(x / d)), so each activation is off by at most d / 2 = max|x| / 254,
-and a dot product with weights w by at most sum over activation blocks b of
-(max_b |x| / 254) * sum_b |w|. The weights
-themselves are used exactly as stored. On top of that: float32 accumulation (1e-5 relative to
-sum |w| |x|), and for bfloat16 outputs one rounding of the result (2^-8 relative).
+Error bound. The kernels quantize each run of 32 activations (of 256 for the K-quants) to two
+bytes per value: d = max|x| / 127, a = round(x / d), b = round((x / d - a) * 254), x ~= d (a + b / 254),
+so each activation is off by at most d / (2 * 254) = max|x| / (254 * 254), and a dot product
+with weights w by at most sum over activation blocks b of (max_b |x| / 254^2) * sum_b |w|
+(with activation_bytes=1, a alone: max_b |x| / 254). The
+weights themselves are used exactly as stored. On top of that: float32 accumulation (1e-5
+relative to sum |w| |x|), and for bfloat16 outputs one rounding of the result (2^-8 relative).
 """
 
 from __future__ import annotations
@@ -52,25 +53,26 @@ def activation_block(fmt: str) -> int:
     return 256 if fmt.endswith("_K") else 32
 
 
-def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32) -> np.ndarray:
+def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32, activation_bytes: int = 2) -> np.ndarray:
     m, k = x.shape
     amax = np.abs(x).reshape(m, k // block, block).max(-1)  # [m, blocks]
     wsum = np.abs(w).reshape(w.shape[0], k // block, block).sum(-1)  # [n, blocks]
-    bound = amax / 254 @ wsum.T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-7
+    bound = amax / 254 ** activation_bytes @ wsum.T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-7
     if bf16_out:
         bound += 2.0 ** -8 * np.abs(x @ w.T)
     return bound
 
 
-def check_matmul(kern, w: QuantWeight, x: torch.Tensor, ref_w: np.ndarray, bias: torch.Tensor | None = None):
-    y = QuantLinear(w, kern, bias)(x)
+def check_matmul(kern, w: QuantWeight, x: torch.Tensor, ref_w: np.ndarray, bias: torch.Tensor | None = None,
+                 activation_bytes: int = 2):
+    y = QuantLinear(w, kern, bias, activation_bytes)(x)
     assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == x.dtype
     x64 = x.double().numpy()
     expected = x64 @ ref_w.T
     if bias is not None:
         expected += bias.double().numpy()
     err = np.abs(y.double().numpy() - expected)
-    bound = error_bound(x64, ref_w, x.dtype == torch.bfloat16, activation_block(w.fmt))
+    bound = error_bound(x64, ref_w, x.dtype == torch.bfloat16, activation_block(w.fmt), activation_bytes)
     assert (err <= bound).all(), f"worst error / bound {np.max(err / bound):.3f}"
     return y
 
@@ -91,6 +93,8 @@ def test_random_blocks_every_shape(isa, fmt):
         check_matmul(kern, w, x, ref_w)
         check_matmul(kern, w, x.bfloat16(), ref_w)
         check_matmul(kern, w, x, ref_w, bias=torch.randn(n))
+        check_matmul(kern, w, x, ref_w, activation_bytes=1)
+        check_matmul(kern, w, x.bfloat16(), ref_w, activation_bytes=1)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

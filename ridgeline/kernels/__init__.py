@@ -55,7 +55,7 @@ _SIGNATURES = {
 }
 _C = ctypes.c_int
 _QUANT_SIGNATURES = {  # no dtype suffix: the dtype is an argument
-    "quant_matmul": [_C, _P, _I, _I, _P, _I, _C, _P, _P, _I],
+    "quant_matmul": [_C, _P, _I, _I, _P, _I, _C, _P, _P, _I, _I],
     "dequant_rows": [_C, _P, _I, _P, _I, _P, _C],
 }
 
@@ -218,12 +218,14 @@ class CpuKernels:
         return (out, lse) if with_lse else out
 
     def quant_matmul(self, fmt: int, weight: torch.Tensor, out_features: int, in_features: int, x: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, activation_bytes: int = 2) -> torch.Tensor:
         """x [M, K] (float32 or bfloat16, contiguous) @ W^T for W of GGUF format id `fmt` in its
-        block layout (uint8 [N, row bytes]); returns [M, N] in x's dtype (+ bias, x's dtype)."""
+        block layout (uint8 [N, row bytes]); returns [M, N] in x's dtype (+ bias, x's dtype).
+        activation_bytes: 2 (x to about 15 bits) or 1 (8 bits, llama.cpp's numerics, faster)."""
         y = x.new_empty(x.shape[0], out_features)
         self._fns["quant_matmul"](fmt, weight.data_ptr(), out_features, in_features, x.data_ptr(), x.shape[0],
-                                  int(x.dtype == torch.bfloat16), _ptr(bias), y.data_ptr(), torch.get_num_threads())
+                                  int(x.dtype == torch.bfloat16), _ptr(bias), y.data_ptr(), activation_bytes,
+                                  torch.get_num_threads())
         return y
 
     def dequant_rows(self, fmt: int, weight: torch.Tensor, in_features: int, ids: torch.Tensor,
