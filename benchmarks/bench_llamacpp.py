@@ -40,13 +40,15 @@ Workloads, threads = os.cpu_count() on both sides, median of --repeats:
             per token are the GGUF's tensor sizes (every tensor but the input embedding; the tied
             embedding counts as the lm_head) for both engines, so a fraction is of the file's limit.
 
+ridgeline runs once per --activation-bytes value (its quant_activation_bytes): 1 (its default, 8-bit
+activations, the numerics llama.cpp's kernels use) and 2 (~15 bits, greedy outputs follow float32).
 Ratios are ridgeline / llama.cpp (above 1 = ridgeline faster; for RSS, above 1 = ridgeline larger).
 Run it on an otherwise idle machine: with threads = every CPU, any other busy process (a test suite,
 an OpenMP spin-wait) slows llama.cpp's 32-stream generation several times over (its threads meet at
 a barrier per operator); the load average at the start and end is printed and recorded.
 
     .venv/bin/python benchmarks/bench_llamacpp.py [--only default,q8_0,q4_0,q4_k_m,1b,7b] [--repeats 3]
-        [--skip-ridgeline] [--skip-llamacpp] [--prepare-only] [--json out.json]
+        [--skip-ridgeline] [--skip-llamacpp] [--prepare-only] [--json out.json] [--activation-bytes 1,2]
 """
 
 from __future__ import annotations
@@ -382,7 +384,7 @@ def vm_hwm_bytes() -> int:
     return 0
 
 
-def ridgeline_worker(path: str, repeats: int, threads: int) -> dict:
+def ridgeline_worker(path: str, repeats: int, threads: int, activation_bytes: int) -> dict:
     """Runs in a subprocess of its own, so that its peak RSS is ridgeline's alone."""
     import torch
 
@@ -398,7 +400,7 @@ def ridgeline_worker(path: str, repeats: int, threads: int) -> dict:
     except Exception:
         elem = 2
     kv_bytes = KV_TOKENS * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * elem
-    opts = {"max_model_len": 2048, "kv_cache_memory": kv_bytes}
+    opts = {"max_model_len": 2048, "kv_cache_memory": kv_bytes, "quant_activation_bytes": activation_bytes}
     if "num_threads" in EngineConfig.__dataclass_fields__:
         opts["num_threads"] = threads
     t0 = time.perf_counter()
@@ -442,9 +444,9 @@ def ridgeline_worker(path: str, repeats: int, threads: int) -> dict:
     return res
 
 
-def bench_ridgeline(path: Path, repeats: int, threads: int) -> dict:
+def bench_ridgeline(path: Path, repeats: int, threads: int, activation_bytes: int = 2) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ridgeline-worker", str(path),
-           "--repeats", str(repeats), "--threads", str(threads)]
+           "--repeats", str(repeats), "--threads", str(threads), "--activation-bytes", str(activation_bytes)]
     out, rss = run_measured(cmd)
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_bytes"] = rss or res["peak_rss_bytes"]
@@ -471,6 +473,10 @@ def cpu_description() -> str:
         return platform.processor() or platform.machine()
 
 
+def ridgeline_side(activation_bytes: int) -> str:
+    return "ridgeline" if activation_bytes == 1 else f"ridgeline {activation_bytes}-byte"
+
+
 METRICS = [("prefill_tok_s", f"prefill tok/s ({PREFILL_LEN}-token prompt)", "{:.1f}"),
            ("decode_tok_s", f"decode tok/s (1 stream, {DECODE_LEN} tokens)", "{:.1f}"),
            ("streams_tok_s", f"{STREAMS} streams x ({SHARED}+{UNIQUE}) -> {NEW}, output tok/s", "{:.1f}"),
@@ -489,11 +495,15 @@ def main() -> None:
     ap.add_argument("--build-jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--activation-bytes", default="1,2",
+                    help="ridgeline's quant_activation_bytes, one run each: 1 = its default (llama.cpp's "
+                         "8-bit activations), 2 = ~15 bits (default: 1,2)")
     ap.add_argument("--ridgeline-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.ridgeline_worker:
-        print(json.dumps(ridgeline_worker(args.ridgeline_worker, args.repeats, args.threads)))
+        print(json.dumps(ridgeline_worker(args.ridgeline_worker, args.repeats, args.threads,
+                                          int(args.activation_bytes.split(",")[0]))))
         return
 
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -533,7 +543,9 @@ def main() -> None:
         if not args.skip_llamacpp:
             sides.append(("llama.cpp", bench_llamacpp))
         if not args.skip_ridgeline:
-            sides.append(("ridgeline", bench_ridgeline))
+            for nb in args.activation_bytes.split(","):
+                sides.append((ridgeline_side(int(nb)),
+                              lambda p, r, t, nb=int(nb): bench_ridgeline(p, r, t, nb)))
         for name, fn in sides:
             try:
                 r = fn(p, args.repeats, args.threads)
@@ -556,17 +568,20 @@ def main() -> None:
     print(f"\n{results['cpu']}; {args.threads} threads; bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"median of {args.repeats}; load average {load1:.1f} at the start, {results['loadavg_end']:.1f} "
           f"at the end; ratio = ridgeline / llama.cpp\n")
-    print("| file | metric | llama.cpp | ridgeline | ratio |")
-    print("|---|---|---|---|---|")
+    rl_sides = [ridgeline_side(int(nb)) for nb in args.activation_bytes.split(",")]
+    print("| file | metric | llama.cpp | " + " | ".join(f"{s} | ratio" for s in rl_sides) + " |")
+    print("|---|---|---|" + "---|---|" * len(rl_sides))
     for k, entry in results["files"].items():
-        lc, rl = entry.get("llama.cpp", {}), entry.get("ridgeline", {})
+        lc = entry.get("llama.cpp", {})
         for m, label, fmt in METRICS:
-            a = fmt.format(lc[m]) if m in lc else "-"
-            b = fmt.format(rl[m]) if m in rl else "-"
-            ratio = f"{rl[m] / lc[m]:.2f}x" if m in lc and m in rl and lc[m] else "-"
-            print(f"| {k} | {label} | {a} | {b} | {ratio} |")
+            cells = [fmt.format(lc[m]) if m in lc else "-"]
+            for side in rl_sides:
+                rl = entry.get(side, {})
+                cells.append(fmt.format(rl[m]) if m in rl else "-")
+                cells.append(f"{rl[m] / lc[m]:.2f}x" if m in lc and m in rl and lc[m] else "-")
+            print(f"| {k} | {label} | " + " | ".join(cells) + " |")
     for k, entry in results["files"].items():
-        for side in ("llama.cpp", "ridgeline"):
+        for side in ("llama.cpp", *rl_sides):
             if "error" in entry.get(side, {}):
                 last = entry[side]["error"].strip().splitlines()
                 print(f"{k}: {side} failed: {last[-1] if last else ''}")

@@ -65,9 +65,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): a GGUF's quantized weights stay in their formats (Q4_0/1, Q5_0/1, Q8_0, "
                         "Q4_K, Q5_K, Q6_K); none: dequantize to --dtype; q8_0 / q4_0 / q4_k: also quantize dense "
                         "weights (Hugging Face checkpoints) to that format at load")
-    g.add_argument("--quant-activation-bytes", type=int, default=2, choices=[1, 2],
-                   help="bytes per activation value in the quantized matmuls: 2 (default; about 15 bits, greedy "
-                        "outputs follow the float32 reference) or 1 (8 bits as llama.cpp, less work per weight)")
+    g.add_argument("--quant-activation-bytes", type=int, default=1, choices=[1, 2],
+                   help="bytes per activation value in the quantized matmuls: 1 (default; 8 bits, llama.cpp's "
+                        "numerics) or 2 (about 15 bits: greedy outputs follow the float32 reference, ~1.7-2x slower)")
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
                         "use with the system C compiler (default: on; off = PyTorch ops only)")

@@ -75,10 +75,10 @@ class EngineConfig:
     # "none": dequantize them to `dtype` (the reference path); "q8_0" / "q4_0" / "q4_k": also
     # quantize dense matrices (Hugging Face checkpoints) to that format at load.
     quantization: str = "auto"
-    # bytes per activation value in the block-quantized matmuls (kernels/quant_kernels.c): 2 =
-    # about 15 bits (greedy outputs follow the float32 reference), 1 = 8 bits as llama.cpp (its
-    # numerics; less integer work per weight, so faster when a step is compute-bound: prefill)
-    quant_activation_bytes: int = 2
+    # bytes per activation value in the block-quantized matmuls (kernels/quant_kernels.c): 1 = 8
+    # bits, llama.cpp's numerics; 2 = about 15 bits (greedy outputs follow the float32 reference)
+    # at twice the integer work per weight (decode and prefill ~1.7-2x slower on a 1B Q4_K_M)
+    quant_activation_bytes: int = 1
     # fused C kernels for the per-layer elementwise work on CPU (ridgeline/kernels; compiled at
     # first use, skipped without a C compiler). False: PyTorch ops only.
     cpu_kernels: bool = True

@@ -89,7 +89,7 @@ class SplitLinear:
 
 
 def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | None,
-                kernels: CpuKernels | None, activation_bytes: int = 2) -> Linear | QuantLinear | SplitLinear:
+                kernels: CpuKernels | None, activation_bytes: int = 1) -> Linear | QuantLinear | SplitLinear:
     """One linear layer from weights stacked along the output dimension (fused q/k/v, gate/up).
     Block-quantized parts (present only where `kernels` runs them, see Transformer) are joined
     when they share a format, else run side by side."""
@@ -106,7 +106,7 @@ def make_linear(parts: list[torch.Tensor | QuantWeight], bias: torch.Tensor | No
 
 class Layer:
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor | QuantWeight], prefix: str,
-                 kernels: CpuKernels | None, activation_bytes: int = 2):
+                 kernels: CpuKernels | None, activation_bytes: int = 1):
         """Takes (pops) the layer's weights out of `w`, so fusing them never holds two copies."""
         def linear(parts: list, bias: torch.Tensor | None) -> Linear | QuantLinear | SplitLinear:
             return make_linear(parts, bias, kernels, activation_bytes)
@@ -131,7 +131,7 @@ class Transformer:
     """Weights plus a forward over the flat batch; no autograd, no nn.Module machinery."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
-                 device: torch.device, cpu_kernels: bool = True, quant_activation_bytes: int = 2):
+                 device: torch.device, cpu_kernels: bool = True, quant_activation_bytes: int = 1):
         """Takes the weights out of `weights` as it builds (the dict is left empty)."""
         self.config = config
         self.dtype = dtype

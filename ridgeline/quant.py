@@ -86,7 +86,7 @@ class QuantLinear:
     with the activations quantized to `activation_bytes` bytes per value (see quant_kernels.c)."""
 
     def __init__(self, weight: QuantWeight, kernels: CpuKernels, bias: torch.Tensor | None = None,
-                 activation_bytes: int = 2):
+                 activation_bytes: int = 1):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.kernels = kernels

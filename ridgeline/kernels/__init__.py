@@ -218,10 +218,10 @@ class CpuKernels:
         return (out, lse) if with_lse else out
 
     def quant_matmul(self, fmt: int, weight: torch.Tensor, out_features: int, in_features: int, x: torch.Tensor,
-                     bias: torch.Tensor | None = None, activation_bytes: int = 2) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, activation_bytes: int = 1) -> torch.Tensor:
         """x [M, K] (float32 or bfloat16, contiguous) @ W^T for W of GGUF format id `fmt` in its
         block layout (uint8 [N, row bytes]); returns [M, N] in x's dtype (+ bias, x's dtype).
-        activation_bytes: 2 (x to about 15 bits) or 1 (8 bits, llama.cpp's numerics, faster)."""
+        activation_bytes: 1 (8 bits, llama.cpp's numerics) or 2 (about 15 bits, slower)."""
         y = x.new_empty(x.shape[0], out_features)
         self._fns["quant_matmul"](fmt, weight.data_ptr(), out_features, in_features, x.data_ptr(), x.shape[0],
                                   int(x.dtype == torch.bfloat16), _ptr(bias), y.data_ptr(), activation_bytes,
