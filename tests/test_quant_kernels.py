@@ -53,7 +53,7 @@ def activation_block(fmt: str) -> int:
     return 256 if fmt.endswith("_K") else 32
 
 
-def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32, activation_bytes: int = 2) -> np.ndarray:
+def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32, activation_bytes: int = 1) -> np.ndarray:
     m, k = x.shape
     amax = np.abs(x).reshape(m, k // block, block).max(-1)  # [m, blocks]
     wsum = np.abs(w).reshape(w.shape[0], k // block, block).sum(-1)  # [n, blocks]
@@ -64,7 +64,7 @@ def error_bound(x: np.ndarray, w: np.ndarray, bf16_out: bool, block: int = 32, a
 
 
 def check_matmul(kern, w: QuantWeight, x: torch.Tensor, ref_w: np.ndarray, bias: torch.Tensor | None = None,
-                 activation_bytes: int = 2):
+                 activation_bytes: int = 1):
     y = QuantLinear(w, kern, bias, activation_bytes)(x)
     assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == x.dtype
     x64 = x.double().numpy()
@@ -90,11 +90,10 @@ def test_random_blocks_every_shape(isa, fmt):
         ref_w = reference(w)
         np.testing.assert_array_equal(w.dequantize(torch.float32, kern).numpy(), ref_w.astype(np.float32))
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        check_matmul(kern, w, x, ref_w)
-        check_matmul(kern, w, x.bfloat16(), ref_w)
+        for nbytes in (1, 2):
+            check_matmul(kern, w, x, ref_w, activation_bytes=nbytes)
+            check_matmul(kern, w, x.bfloat16(), ref_w, activation_bytes=nbytes)
         check_matmul(kern, w, x, ref_w, bias=torch.randn(n))
-        check_matmul(kern, w, x, ref_w, activation_bytes=1)
-        check_matmul(kern, w, x.bfloat16(), ref_w, activation_bytes=1)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -26,7 +26,13 @@ from ..sampling_params import SamplingParams
 from .protocol import APIError
 
 log = logging.getLogger("ridgeline.server")
-WORKER_NICE = 5  # added to the worker thread's nice value (Linux: per thread)
+WORKER_NICE = 10  # added to the worker thread's nice value (Linux: per thread)
+# A text longer than PROBE_CHARS_PER_TOKEN characters per context token is first tokenized in a
+# prefix of that length: if the prefix alone is over the context (by more than PROBE_SLACK: a cut
+# word may tokenize differently), the prompt is refused without tokenizing the rest. Ordinary
+# text is ~4 characters a token, so a megabyte-long prompt costs a few tens of kilobytes of work.
+PROBE_CHARS_PER_TOKEN = 8
+PROBE_SLACK = 64
 
 
 @dataclass
@@ -83,9 +89,9 @@ def prepare_one(rules: PromptRules, prompt: Any, params: SamplingParams, param: 
     tok = rules.tokenizer
     if isinstance(prompt, tuple):
         text = _render_chat(rules, *prompt)
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = _encode_bounded(rules, lambda t: tok.encode(t, add_special_tokens=False), text, param)
     elif isinstance(prompt, str):
-        text, ids = prompt, rules.tokenize(prompt)
+        text, ids = prompt, _encode_bounded(rules, rules.tokenize, prompt, param)
     else:
         bad = [t for t in prompt if not 0 <= t < rules.vocab_size]
         if bad:
@@ -95,6 +101,16 @@ def prepare_one(rules: PromptRules, prompt: Any, params: SamplingParams, param: 
         text = tok.decode(ids)
     _check_lengths(rules, len(ids), params, param)
     return PreparedPrompt(text=text, token_ids=ids, first_token=tok.decode(ids[:1]))
+
+
+def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text: str, param: str) -> list[int]:
+    """encode(text), unless a prefix shows it cannot fit the context (then the length error)."""
+    probe = PROBE_CHARS_PER_TOKEN * rules.max_model_len
+    if len(text) > probe:
+        head = len(encode(text[:probe]))
+        if head > rules.max_model_len + PROBE_SLACK:
+            _check_lengths(rules, head - PROBE_SLACK, SamplingParams(max_tokens=None), param, at_least=True)
+    return encode(text)
 
 
 def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -114,10 +130,11 @@ def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt
                        param="messages") from None
 
 
-def _check_lengths(rules: PromptRules, num_prompt: int, params: SamplingParams, param: str) -> None:
+def _check_lengths(rules: PromptRules, num_prompt: int, params: SamplingParams, param: str,
+                   at_least: bool = False) -> None:
     limit = rules.max_model_len
     if num_prompt >= limit:
-        has = "have" if param == "messages" else "has"
+        has = ("have" if param == "messages" else "has") + (" at least" if at_least else "")
         raise APIError(400, f"{param}: this model's maximum context length is {limit} tokens, but the {param} "
                             f"{has} {num_prompt} tokens (at most {limit - 1} leave room for output)", param=param)
     if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
