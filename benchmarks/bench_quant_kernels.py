@@ -9,6 +9,7 @@ Weights: one Llama-3.2-1B layer's matrices (q/k/v 2048 -> 3072, o 2048 -> 2048, 
              float32), timed in the same run.
 
     .venv/bin/python benchmarks/bench_quant_kernels.py [--formats Q4_K,Q6_K] [--isa avx2] [--repeats 5]
+        [--activation-bytes 1]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--rows", default="1,8,64,512")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--activation-bytes", type=int, default=1, choices=[1, 2])
     args = ap.parse_args()
     isa = args.isa or cpu_isa()
     kern = kernels_for(isa)
@@ -45,7 +47,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     bw = read_bandwidth(torch.device("cpu"), 512 << 20)
     print(f"# {platform.processor() or platform.machine()} {os.cpu_count()} CPUs, {threads} threads, isa {isa}, "
-          f"activations {dtype}, read bandwidth {bw / 1e9:.1f} GB/s")
+          f"activations {dtype} at {args.activation_bytes} byte(s) per value, read bandwidth {bw / 1e9:.1f} GB/s")
     rows = [int(r) for r in args.rows.split(",")]
     shapes = SHAPES_1B * args.layers
     macs = sum(n * k for n, k in shapes)
@@ -53,7 +55,8 @@ def main() -> None:
     print("| format | m=1 GB/s | of bandwidth | " + " | ".join(f"m={m} GMAC/s (x dense)" for m in rows[1:]) + " |")
     print("|---|---|---|" + "---|" * (len(rows) - 1))
     for fmt in args.formats.split(","):
-        mats = [QuantLinear(random_weight(fmt, n, k, seed=i), kern) for i, (n, k) in enumerate(shapes)]
+        mats = [QuantLinear(random_weight(fmt, n, k, seed=i), kern, None, args.activation_bytes)
+                for i, (n, k) in enumerate(shapes)]
         nbytes = sum(q.weight.nbytes for q in mats)
         cells = []
         for m in rows:

@@ -3,21 +3,21 @@
    y[m, n] = sum_k x[m, k] * W[n, k] for W in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K.
    Every format is read as sub-blocks of 32 weights along k, each w = d_half * q + mn with q a
    small integer (K-quant super-blocks of 256 are 8 such sub-blocks; Q6_K has one scale per 16
-   weights, so a sub-block has two). The activations are quantized as two bytes per value, scaled
-   by d = max|x| / 127 over each 32 values for the formats with blocks of 32 (as llama.cpp's Q8_0)
-   and over each 256 for the K-quants (its Q8_K): a = round(x / d) and the rounding left over,
-   b = round((x / d - a) * 254), so x ~= d * (a + b / 254), about 15 bits. Each sub-block's dot
-   product is two integer dot products of 32 byte pairs:
+   weights, so a sub-block has two). The activations are quantized to bytes, scaled by
+   d = max|x| / 127 over each 32 values for the formats with blocks of 32 (as llama.cpp's Q8_0)
+   and over each 256 for the K-quants (its Q8_K): a = round(x / d). With act_bytes = 2 a second
+   byte holds the rounding left over, b = round((x / d - a) * 254), so x ~= d * (a + b / 254),
+   about 15 bits. Each sub-block's dot product is one (two) integer dot products of 32 byte pairs:
 
-       sum_i w_i x_i ~= d_w * d_x * (sum_i q_i a_i + sum_i q_i b_i / 254) + mn * sum_i x_i
+       sum_i w_i x_i ~= d_w * d_x * (sum_i q_i a_i [+ sum_i q_i b_i / 254]) + mn * d_x * sum_i (a_i [+ b_i / 254])
 
    and within a K-quant super-block the 8 sub-blocks' integer products, times their integer
    scales, add up in int32 before the float multiply-adds (the offsets come from per-16
-   activation sums). One byte alone (llama.cpp's numerics) moves the default model's logprobs by
-   0.06 on average and parts 7 of 8 greedy test paths from float32; with the second byte they
-   match. The error against the float weights is the activation rounding alone: at most
-   sum over activation blocks of (max|x| / (254 * 254)) * sum |w_i| (tests/test_quant_kernels.py
-   checks it).
+   activation sums). One byte (the default: llama.cpp's numerics) moves the default model's
+   logprobs by 0.06 on average and parts 7 of 8 greedy test paths from float32 at near ties; with
+   the second byte they match, at twice the integer work. The error against the float weights is
+   the activation rounding alone: at most sum over activation blocks of
+   (max|x| / 254^bytes) * sum |w_i| (tests/test_quant_kernels.py checks it).
 
    Work is split into tiles: up to MR activation rows share each unpacked weight sub-block, and
    a chunk of NC weight rows (a few KB) stays in cache while every activation tile passes over
@@ -41,7 +41,7 @@ static const int64_t BLOCK_WEIGHTS[NUM_FORMATS] = {32, 32, 32, 32, 32, 256, 256,
 /* Quantized activations, one row after another, in one of two layouts.
    Per 32 values (for the formats with blocks of 32): the nsb sub-blocks' first bytes a
    (nsb * 32), their second bytes b (nsb * 32), then their scales d and sums
-   s = d * sum(a + b / 254) as two float arrays padded with zeros to a multiple of 8 (groups of 8
+   s = d * sum(a + b / 254) (one byte: d * sum(a)) as two float arrays padded to a multiple of 8 (groups of 8
    sub-blocks load them as vectors). The AVX2 builds store each pair of sub-blocks (2i, 2i + 1)
    interleaved by halves, [first 16 of 2i | first 16 of 2i + 1 | last 16 of 2i | last 16 of
    2i + 1], the order in which two weight blocks land in the two 128-bit lanes of one register.
