@@ -521,9 +521,11 @@ INLINE __m256i bcast16_2(__m256i v, int i0, int i1) {
                                                     _mm_set1_epi16((short)((2 * i1 + 1) << 8 | 2 * i1))));
 }
 
-/* a + b / 254 of the int32 sums over first and second activation bytes, as floats */
-INLINE __m256 two_bytes(__m256i a, __m256i b) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(INV254), _mm256_cvtepi32_ps(a));
+/* The int32 sums over the first activation bytes (a) and, with two, the second (b) as floats:
+   a + b / 254, or a alone (with two a compile-time 0, b's computation is dropped) */
+INLINE __m256 two_bytes(__m256i a, __m256i b, const int two) {
+    __m256 f = _mm256_cvtepi32_ps(a);
+    return two ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(INV254), f) : f;
 }
 
 /* The 8 six-bit scales and mins from the 12 bytes at p (scale_min_k4's layout), in one vector
@@ -577,11 +579,11 @@ INLINE void rowdot_qk45(const uint8_t *w, const q8rows *x, int64_t nsb, const in
         }
         for (int r = 0; r < mr; r++) {
             const float dx = *XD(x, r, sb);
-            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS(x, r, sb)), mn16);
             /* the offsets from the same bytes as the products: their errors partly cancel */
-            __m256i mins2 = two ? _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS2(x, r, sb)), mn16) : sumi2[r];
-            acc[r] = _mm256_fmadd_ps(two_bytes(sumi[r], sumi2[r]), _mm256_set1_ps(d * dx), acc[r]);
-            acc[r] = _mm256_fmadd_ps(two_bytes(mins, mins2), _mm256_set1_ps(-dmin * dx), acc[r]);
+            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS(x, r, sb)), mn16);
+            __m256i mins2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS2(x, r, sb)), mn16);
+            acc[r] = _mm256_fmadd_ps(two_bytes(sumi[r], sumi2[r], two), _mm256_set1_ps(d * dx), acc[r]);
+            acc[r] = _mm256_fmadd_ps(two_bytes(mins, mins2, two), _mm256_set1_ps(-dmin * dx), acc[r]);
         }
     }
     ROWDOT_END
@@ -622,10 +624,10 @@ INLINE void rowdot_q6_k(const uint8_t *w, const q8rows *x, int64_t nsb, const in
         const float d = f16at(b + 208);
         for (int r = 0; r < mr; r++) {
             __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS(x, r, sb)), sc_all);
-            __m256i off2 = two ? _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS2(x, r, sb)), sc_all) : sumi2[r];
+            __m256i off2 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)XKS2(x, r, sb)), sc_all);
             __m256i s = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
             __m256i s2 = _mm256_sub_epi32(sumi2[r], _mm256_slli_epi32(off2, 5));
-            acc[r] = _mm256_fmadd_ps(two_bytes(s, s2), _mm256_set1_ps(d * *XD(x, r, sb)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(two_bytes(s, s2, two), _mm256_set1_ps(d * *XD(x, r, sb)), acc[r]);
         }
     }
     ROWDOT_END

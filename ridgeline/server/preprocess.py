@@ -6,7 +6,9 @@ pause of the same length in every stream in flight. The fast tokenizer releases 
 encodes, so a worker thread does it while the step loop keeps stepping, and the engine thread only
 adds token ids. One worker, so at most one core goes to preprocessing; on Linux it runs at a lower
 CPU priority, so that on a machine with few cores the step loop wins the CPU over a client's
-preprocessing (the GIL-free encode is most of its time, so the engine never waits on it).
+preprocessing (the GIL-free encode is most of its time, so the engine never waits on it). A
+text far longer than the context first has a prefix tokenized (PROBE_CHARS_PER_TOKEN), so a
+megabyte prompt is refused after a few tens of kilobytes of work.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text
     if len(text) > probe:
         head = len(encode(text[:probe]))
         if head > rules.max_model_len + PROBE_SLACK:
-            _check_lengths(rules, head - PROBE_SLACK, SamplingParams(max_tokens=None), param, at_least=True)
+            raise _too_long(rules, head - PROBE_SLACK, param, at_least=True)
     return encode(text)
 
 
@@ -130,13 +132,17 @@ def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt
                        param="messages") from None
 
 
-def _check_lengths(rules: PromptRules, num_prompt: int, params: SamplingParams, param: str,
-                   at_least: bool = False) -> None:
+def _too_long(rules: PromptRules, num_prompt: int, param: str, at_least: bool = False) -> APIError:
+    limit = rules.max_model_len
+    has = ("have" if param == "messages" else "has") + (" at least" if at_least else "")
+    return APIError(400, f"{param}: this model's maximum context length is {limit} tokens, but the {param} "
+                         f"{has} {num_prompt} tokens (at most {limit - 1} leave room for output)", param=param)
+
+
+def _check_lengths(rules: PromptRules, num_prompt: int, params: SamplingParams, param: str) -> None:
     limit = rules.max_model_len
     if num_prompt >= limit:
-        has = ("have" if param == "messages" else "has") + (" at least" if at_least else "")
-        raise APIError(400, f"{param}: this model's maximum context length is {limit} tokens, but the {param} "
-                            f"{has} {num_prompt} tokens (at most {limit - 1} leave room for output)", param=param)
+        raise _too_long(rules, num_prompt, param)
     if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
         raise APIError(400, f"max_tokens: this model's maximum context length is {limit} tokens; the request "
                             f"asks for {num_prompt + params.max_tokens} ({num_prompt} in the {param}, "
