@@ -14,7 +14,7 @@ import pytest
 from ridgeline.cli import main
 from ridgeline.config import ModelConfig
 from ridgeline.engine import EngineConfig, LLMEngine
-from ridgeline.kv_cache import CacheConfig
+from ridgeline.kv_cache import KVCachePool
 from ridgeline.loader import load_model_config
 from ridgeline.perf import HardwareSpec, HardwareSpecError, PerfModel, SeqWork, StepShape, load_spec
 from ridgeline.perf.ops import operator_table, weight_bytes
@@ -109,23 +109,23 @@ def test_step_time_is_the_roofline_sum():
 def test_memory_fit_matches_the_engines_pool():
     cfg = load_model_config(None)
     pm = PerfModel(cfg, load_spec("epyc-2c"), dtype="float32", block_size=16)
-    assert pm.kv_bytes_per_block == CacheConfig.bytes_per_block(cfg, 16, __import__("torch").float32)
+    assert pm.kv_bytes_per_block == KVCachePool.bytes_per_block(cfg, 16, __import__("torch").float32)
     blocks = 20
     budget = blocks * pm.kv_bytes_per_block
     assert pm.kv_blocks(budget) == blocks
     prompt, output = 20, 44  # 64 tokens = 4 blocks each: 5 sequences fit
     assert pm.max_batch(prompt, output, budget) == 5
-    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory=budget, max_model_len=256))
-    assert engine.cache_config.num_blocks == blocks
+    engine = LLMEngine(EngineConfig.from_kwargs(dtype="float32", kv_cache_memory=budget, max_model_len=256))
+    assert engine.num_kv_blocks == blocks
     params = SamplingParams(max_tokens=output, ignore_eos=True)
 
     def preemptions(n: int) -> int:
-        before = engine.scheduler.num_preemptions
+        before = engine.get_stats().num_preemptions
         for i in range(n):
             engine.add_request([100 + i] * prompt, params)
         while engine.has_unfinished_requests():
             engine.step()
-        return engine.scheduler.num_preemptions - before
+        return engine.get_stats().num_preemptions - before
 
     assert preemptions(5) == 0  # exactly the predicted batch runs to the end without preemption
     assert preemptions(6) > 0  # one more does not fit
