@@ -27,7 +27,7 @@ from timing import median_time
 
 from ridgeline import LLM, SamplingParams
 from ridgeline.attention import build_metadata, paged_attention
-from ridgeline.hydragen import HydragenConfig
+from ridgeline.core.config import HydragenConfig
 from ridgeline.loader import default_model_path
 
 DTYPE = "bfloat16"

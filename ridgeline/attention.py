@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .hydragen import HydragenConfig, PrefixPart, SharedPrefix, find_shared_prefixes, hydragen_decode
+from .core.config import HydragenConfig
+from .core.prefix_groups import SharedPrefix, find_shared_prefixes
+from .hydragen import PrefixPart, hydragen_decode
 from .kernels import CpuKernels
 from .kv_cache import gather_kv
 
@@ -46,15 +48,16 @@ def _block_table_tensor(block_tables: list[list[int]], num_blocks: int) -> torch
 
 
 def _decode_group(block_tables: list[list[int]], starts: list[int], block_size: int, sliding_window: int | None,
-                  hydragen: HydragenConfig | None, device: torch.device,
-                  dtype: torch.dtype) -> tuple[AttentionGroup, torch.Tensor]:
+                  hydragen: HydragenConfig | None, shared: tuple[list[SharedPrefix], list[int]] | None,
+                  device: torch.device, dtype: torch.dtype) -> tuple[AttentionGroup, torch.Tensor]:
     """Decode rows: each attends from position start to keys [own_start, start]; own_start is 0
     unless Hydragen takes a shared prefix off the row (then attended once per group)."""
     parts: list[SharedPrefix] = []
     own_start = [0] * len(starts)
-    if hydragen is not None and sliding_window is None and len(starts) >= 2:
-        parts, own_blocks = find_shared_prefixes(block_tables, [s // block_size for s in starts], block_size,
-                                                 hydragen)
+    if shared is None and hydragen is not None and sliding_window is None and len(starts) >= 2:
+        shared = find_shared_prefixes(block_tables, [s // block_size for s in starts], block_size, hydragen)
+    if shared is not None:
+        parts, own_blocks = shared
         if parts:
             own_start = [n * block_size for n in own_blocks]
     ctx = torch.tensor(starts) + 1
@@ -112,10 +115,12 @@ def _prefill_group(block_tables: list[list[int]], starts: list[int], lens: list[
 
 def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
                    sliding_window: int | None, device: torch.device,
-                   hydragen: HydragenConfig | None = None, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
+                   hydragen: HydragenConfig | None = None, dtype: torch.dtype = torch.float32,
+                   shared: tuple[list[SharedPrefix], list[int]] | None = None) -> AttentionMetadata:
     """Metadata for a flat batch whose sequences with lens == 1 come first. `hydragen` (None = off)
-    sets when decode rows sharing prefix blocks attend to them as a group; `dtype` is the model's
-    (decode attention runs in it)."""
+    sets when decode rows sharing prefix blocks attend to them as a group, unless the groups are
+    given as `shared` (the scheduler's parts and each decode row's first own block); `dtype` is
+    the model's (decode attention runs in it)."""
     n_dec = 0
     while n_dec < len(lens) and lens[n_dec] == 1:
         n_dec += 1
@@ -125,7 +130,7 @@ def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[
     new_slots = []
     if n_dec:
         decode, slots = _decode_group(block_tables[:n_dec], starts[:n_dec], block_size, sliding_window, hydragen,
-                                      device, dtype)
+                                      shared, device, dtype)
         new_slots.append(slots)
     if n_dec < len(lens):
         prefill, slots = _prefill_group(block_tables[n_dec:], starts[n_dec:], lens[n_dec:], block_size,

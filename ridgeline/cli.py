@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
-from .config import QUANTIZATION_MODES
+from .core.config import QUANTIZATION_MODES
 
 EXIT_USAGE = 2
 # Exceptions that mean "the input was wrong": SamplingParams, EngineConfig, LLM and the
@@ -215,14 +215,12 @@ def _sampling_params(args: argparse.Namespace, **extra: Any):
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine options, checked without loading the model (so mistakes fail fast)."""
-    from .engine import EngineConfig
-    from .kv_cache import parse_memory_size
+    from .core.config import EngineConfig
 
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
                   quant_activation_bytes=args.quant_activation_bytes, cpu_kernels=args.cpu_kernels)
-    EngineConfig(model=args.model, **kwargs)
-    parse_memory_size(args.kv_cache_memory)
+    EngineConfig.from_kwargs(model=args.model, **kwargs)
     return kwargs
 
 
@@ -332,7 +330,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- serve / bench
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine import EngineConfig
+    from .core.config import EngineConfig, parse_memory_size
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
@@ -346,8 +344,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
     if args.max_connections < 1:
         raise UsageError(f"--max-connections must be >= 1, got {args.max_connections}")
-    from .kv_cache import parse_memory_size
-
     try:
         max_request_bytes = parse_memory_size(args.max_request_bytes)
     except ValueError:
@@ -362,11 +358,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("RIDGELINE_API_KEY") or None
     kwargs = _engine_kwargs(args)
-    config = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, **kwargs)
-    from .scheduler import SchedulerConfig
-
-    SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens)  # fail before the model load
+    # every option is checked here, before the model loads
+    config = EngineConfig.from_kwargs(model=args.model, max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens, **kwargs)
     _check_listen(args.host, args.port)
     from .server.serve import ServeOptions, serve
 

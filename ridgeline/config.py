@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-# EngineConfig.quantization / --quantization values (see loader.load_checkpoint)
-QUANTIZATION_MODES = ("auto", "none", "q8_0", "q4_0", "q4_k")
 
 
 class UnsupportedModelError(ValueError):

@@ -18,70 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .core.prefix_groups import SharedPrefix
 from .kernels import CpuKernels
 from .kv_cache import gather_kv
-
-
-@dataclass
-class HydragenConfig:
-    """When a shared prefix is worth its own attention part: g >= 2 sequences sharing P tokens,
-    with (g - 1) * P >= min_saved_tokens, the prefix tokens whose K/V the grouped product saves
-    re-reading. Each part costs a dozen extra small ops per layer, so the break-even depends on
-    how cheap plain decode attention is: on the 2-core CPU it is ~512 tokens with PyTorch's
-    attention and ~3,000 with the fused C kernel (docs/benchmarks.md; the engine picks the
-    matching default, MIN_SAVED_TOKENS_*). And the parts together
-    must save at least min_saved_fraction of the step's decode K/V reads: every row's own part
-    is padded to the longest, so a few small groups in a batch of mostly unshared rows cost more
-    than they save (8 rows, 2-3 sharing 256 tokens: 43 instead of 24 ms per step)."""
-    min_saved_tokens: int = 512
-    min_saved_fraction: float = 0.5
-
-
-MIN_SAVED_TOKENS_TORCH = 512  # break-even against PyTorch decode attention (and the simulator's default)
-MIN_SAVED_TOKENS_CPU_KERNELS = 3072  # against the fused C decode attention (ridgeline/kernels)
-
-
-@dataclass
-class SharedPrefix:
-    rows: list[int]  # decode rows (indices into the decode group) sharing the blocks
-    blocks: list[int]  # the shared physical blocks, in order
-
-
-def find_shared_prefixes(tables: list[list[int]], num_full_blocks: list[int], block_size: int,
-                         cfg: HydragenConfig) -> tuple[list[SharedPrefix], list[int]]:
-    """Shared-prefix parts over the decode rows' block tables, and each row's first own block.
-
-    Only full blocks (num_full_blocks[r] of row r) can be shared; blocks are compared by id,
-    which is exact: two sequences hold the same block only through the prefix cache or a fork.
-    """
-    parts: list[SharedPrefix] = []
-    own_start = [0] * len(tables)
-
-    def split(rows: list[int], depth: int) -> None:
-        by_block: dict[int, list[int]] = {}
-        for r in rows:
-            if depth < num_full_blocks[r]:
-                by_block.setdefault(tables[r][depth], []).append(r)
-            else:
-                own_start[r] = depth
-        for members in by_block.values():
-            lead = tables[members[0]]
-            end = depth + 1
-            limit = min(num_full_blocks[r] for r in members)
-            while end < limit and all(tables[r][end] == lead[end] for r in members):
-                end += 1
-            if len(members) < 2 or (len(members) - 1) * (end - depth) * block_size < cfg.min_saved_tokens:
-                for r in members:
-                    own_start[r] = depth
-                continue
-            parts.append(SharedPrefix(rows=members, blocks=lead[depth:end]))
-            split(members, end)
-
-    split(list(range(len(tables))), 0)
-    saved = sum((len(p.rows) - 1) * len(p.blocks) for p in parts)
-    if saved < cfg.min_saved_fraction * max(1, sum(num_full_blocks)):
-        return [], [0] * len(tables)
-    return parts, own_start
 
 
 @dataclass

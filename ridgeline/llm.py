@@ -7,8 +7,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .batch_order import BatchItem, prefix_aware_order
-from .engine import EngineConfig, LLMEngine
+from .core.batch_order import BatchItem, prefix_aware_order
+from .core.config import EngineConfig
+from .engine import LLMEngine
+from .core.stats import EngineStats
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -19,17 +21,22 @@ class LLM:
     """Load a model and generate from it.
 
     LLM() loads the default model (SmolLM2-135M-Instruct, Q4_1 GGUF). `model` may be a .gguf
-    file or a Hugging Face checkpoint directory. Keyword arguments are EngineConfig fields:
-    dtype ('auto', 'float32', 'bfloat16'), max_model_len, kv_cache_memory ('2GiB'),
-    block_size, max_num_seqs, max_num_batched_tokens, seed, num_kv_blocks, device.
+    file or a Hugging Face checkpoint directory. Keyword arguments are EngineConfig's flat names
+    (EngineConfig.from_kwargs): dtype ('auto', 'float32', 'bfloat16'), max_model_len,
+    kv_cache_memory ('2GiB'), block_size, max_num_seqs, max_num_batched_tokens, seed,
+    num_kv_blocks, device, enable_prefix_caching, ...; or config=EngineConfig(...) whole.
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
-        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"LLM() got unknown options: {', '.join(sorted(unknown))}; "
-                            f"allowed: {', '.join(EngineConfig.__dataclass_fields__)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **kwargs: Any):
+        if config is not None:
+            if kwargs or model is not None:
+                raise TypeError("LLM(config=...) takes no other options; set them in the EngineConfig")
+        else:
+            try:
+                config = EngineConfig.from_kwargs(model=model, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"LLM() got {exc}") from None
+        self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -64,13 +71,11 @@ class LLM:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
         """Apply the model's chat template; returns a token-id prompt with the rendered text."""
-        validate_messages(messages)
-        tok = self.engine.tokenizer
-        if not tok.chat_template:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # The template already holds the special tokens: do not add a BOS again.
-        return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+        return self.engine.inputs.chat_prompt(messages, add_generation_prompt)
+
+    def get_stats(self) -> EngineStats:
+        """The engine's counters and gauges (steps, tokens, preemptions, prefix-cache hits, KV blocks)."""
+        return self.engine.get_stats()
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of a single-sample request as they are generated."""
@@ -94,17 +99,17 @@ class LLM:
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
              prefix_aware: bool) -> list[RequestOutput]:
         engine = self.engine
-        parsed = [engine.prompt_ids(p) for p in prompts]  # a bad prompt rejects the whole call up front
+        parsed = [engine.inputs.prompt(p) for p in prompts]  # a bad prompt rejects the whole call up front
         order = list(range(len(prompts)))
-        if prefix_aware and engine.block_manager.enable_prefix_caching and len(prompts) > 1:
-            items = [BatchItem(ids, sp.max_tokens or engine.max_model_len - len(ids))
-                     for (_, ids), sp in zip(parsed, params)]
-            order = prefix_aware_order(items, engine.cache_config.block_size)
+        if prefix_aware and engine.enable_prefix_caching and len(prompts) > 1:
+            items = [BatchItem(p.token_ids, sp.max_tokens or engine.max_model_len - len(p.token_ids))
+                     for p, sp in zip(parsed, params)]
+            order = prefix_aware_order(items, engine.block_size)
         ids: list[str | None] = [None] * len(prompts)
         try:
             for i in order:
-                text, token_ids = parsed[i]
-                ids[i] = engine.add_request({"prompt": text, "prompt_token_ids": token_ids}, params[i])
+                ids[i] = engine.add_request({"prompt": parsed[i].text, "prompt_token_ids": parsed[i].token_ids},
+                                            params[i])
         except Exception:
             for rid in ids:  # leave nothing queued
                 if rid is not None:
@@ -125,12 +130,3 @@ class LLM:
                     engine.abort_request(rid)
         return [results[rid] for rid in ids]
 
-
-def validate_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}].role must be one of system, user, assistant")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}].content must be a string")

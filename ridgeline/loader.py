@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import QUANTIZATION_MODES, ModelConfig, UnsupportedModelError
+from .config import ModelConfig, UnsupportedModelError
+from .core.config import QUANTIZATION_MODES
 from .gguf_file import GGUFFile, TensorInfo
 from .kernels import load_cpu_kernels
 from .quant import DENSE_TYPES, FORMATS, QUANTIZE_TO, QuantWeight, check_quantizable, quantize

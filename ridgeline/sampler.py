@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sequence import Sequence
+from .core.request import Sequence
 
 
 @dataclass
@@ -83,8 +83,10 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> SamplerOutput:
-    """Choose one token per row of `logits` ([rows, vocab], float32) for the matching sequence."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None],
+           eos_ids: list[int]) -> SamplerOutput:
+    """Choose one token per row of `logits` ([rows, vocab], float32) for the matching sequence,
+    drawing a sampled row's noise from that sequence's generator."""
     vocab = logits.shape[-1]
     params = [s.request.params for s in seqs]
     want_lp = [p.logprobs is not None for p in params]
@@ -109,8 +111,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> Sa
         probs = sub.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for j, i in enumerate(rows):
-            gen = seqs[i].generator
-            noise[j].exponential_(generator=gen)
+            noise[j].exponential_(generator=generators[i])
         chosen[rows] = (probs / noise).argmax(dim=-1)
 
     token_ids = chosen.tolist()

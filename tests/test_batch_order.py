@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ridgeline import SamplingParams
-from ridgeline.batch_order import BatchItem, prefix_aware_order
+from ridgeline.core.batch_order import BatchItem, prefix_aware_order
 
 from .test_prefix_cache import GREEDY, MIXED, token_ids
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ridgeline.attention import build_metadata, paged_attention
-from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
+from ridgeline.core.config import HydragenConfig
+from ridgeline.core.prefix_groups import find_shared_prefixes
 from ridgeline.kernels import load_cpu_kernels
 
 from .test_attention import naive

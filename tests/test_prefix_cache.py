@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from ridgeline import LLM, SamplingParams
-from ridgeline.kv_cache import BlockAllocator
+from ridgeline.core.kv_blocks import BlockAllocator
 
 from .prompts import LONG
 

@@ -242,8 +242,8 @@ class _Server:
             added: list[str] = []
             try:
                 for rid, prompt in zip(rids, prepared):
-                    engine.add_request({"prompt_token_ids": prompt.token_ids}, params, request_id=rid)
-                    engine.requests[rid].prompt = prompt.text
+                    engine.add_request({"prompt_token_ids": prompt.token_ids, "prompt": prompt.text}, params,
+                                       request_id=rid)
                     added.append(rid)
             except Exception:
                 for rid in added:

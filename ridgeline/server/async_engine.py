@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 from ..engine import LLMEngine
 from ..outputs import RequestOutput
-from ..sequence import SeqStatus
 from .metrics import ServerMetrics
 
 log = logging.getLogger("ridgeline.server")
@@ -157,10 +156,10 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 self._after_step([])
                 continue
-            steps = engine.stats.get("steps", 0)
+            steps = engine.get_stats().num_steps
             try:
                 outputs = engine.step()
-                stalled = engine.stats.get("steps", 0) == steps
+                stalled = engine.get_stats().num_steps == steps
             except Exception as exc:  # a bug, not user input: fail in-flight requests, keep serving
                 log.exception("engine step failed")
                 self._fail_all(EngineDeadError(f"the engine failed: {exc!r}"))
@@ -200,26 +199,19 @@ class AsyncEngine:
                 _deliver(stream.loop, stream.queue.put_nowait, out)
 
     def _update_counts(self) -> None:
-        running = waiting = 0
-        for req in self.engine.requests.values():
-            if any(s.status is SeqStatus.RUNNING for s in req.seqs):
-                running += 1
-            else:
-                waiting += 1
-        self._num_running, self._num_waiting = running, waiting
+        stats = self.engine.get_stats()
+        self._num_running, self._num_waiting = stats.num_requests_running, stats.num_requests_waiting
 
     def _abort_now(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            if rid in self.engine.requests:
-                self.engine.abort_request(rid)
-                if self.metrics is not None:
-                    self.metrics.aborted.inc()
+            if self.engine.abort_request(rid) and self.metrics is not None:
+                self.metrics.aborted.inc()
 
     def _abort_all(self) -> None:
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, exc: Exception) -> None:
-        for rid in list(self.engine.requests):
+        for rid in self.engine.request_ids():
             self.engine.abort_request(rid)
         streams, self._streams = self._streams, {}
         for stream in streams.values():

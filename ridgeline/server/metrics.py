@@ -71,16 +71,16 @@ class ServerMetrics:
         """Refresh from the engine (engine thread only)."""
         self.running.set(running)
         self.waiting.set(waiting)
-        alloc = engine.block_manager.allocator
-        self.kv_blocks_used.set(alloc.num_used)
-        self.kv_blocks_total.set(alloc.num_blocks)
-        self.kv_usage.set(engine.block_manager.usage)
-        self.kv_blocks_shared.set(alloc.num_shared)
-        self.prefix_hit_rate.set(engine.stats.get("prefix_cache_hit_rate", 0.0))
+        stats = engine.get_stats()
+        self.kv_blocks_used.set(stats.kv_blocks_used)
+        self.kv_blocks_total.set(stats.kv_blocks_total)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_blocks_shared.set(stats.kv_blocks_shared)
+        self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
         for key, counter in (("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
                              ("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits)):
-            now = engine.stats.get(key, 0)  # engines without a prefix cache have no such counters
+            now = getattr(stats, key)
             if now > self._seen[key]:
                 counter.inc(now - self._seen[key])
             self._seen[key] = now

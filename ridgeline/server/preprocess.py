@@ -1,4 +1,6 @@
-"""Prompt preparation off the engine thread: chat template, tokenization and every length check.
+"""Prompt preparation off the engine thread: chat template, tokenization and every length check,
+by the engine's InputProcessor rules plus the server's own (OpenAI-style length errors, the KV
+pool's capacity, bounded work on huge texts), as HTTP 400s.
 
 Tokenizing a long prompt takes a while (0.4 s for 630k characters here, about the longest string
 the default model's 8k context could ever hold); done in the engine thread, as before, that is a
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import LLMEngine
+from ..input_processor import InputProcessor
 from ..sampling_params import SamplingParams
 from .protocol import APIError
 
@@ -51,18 +54,18 @@ class PromptRules:
     """What preparing a prompt needs from the engine, read once: the tokenizer is used from the
     worker thread while the engine decodes with it, which its Rust core allows (both only read)."""
 
-    tokenize: Callable[[str], list[int]]  # the engine's own (same ids as LLM.generate)
-    tokenizer: Any
-    vocab_size: int
-    max_model_len: int
+    inputs: InputProcessor  # the engine's own (same ids and checks as LLM.generate)
     block_size: int
     num_blocks: int
     max_chars: int  # characters of text that could still fit the context (limits.BodyLimits.max_string_chars)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine, max_chars: int) -> "PromptRules":
-        return cls(engine.tokenize, engine.tokenizer, engine.model_config.vocab_size, engine.max_model_len,
-                   engine.cache_config.block_size, engine.cache_config.num_blocks, max_chars)
+        return cls(engine.inputs, engine.block_size, engine.num_kv_blocks, max_chars)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.inputs.max_model_len
 
 
 class Preprocessor:
@@ -88,20 +91,21 @@ def prepare(rules: PromptRules, prompts: Sequence[Any], params: SamplingParams, 
 
 
 def prepare_one(rules: PromptRules, prompt: Any, params: SamplingParams, param: str) -> PreparedPrompt:
-    tok = rules.tokenizer
+    inputs = rules.inputs
+    tok = inputs.tokenizer
     if isinstance(prompt, tuple):
         text = _render_chat(rules, *prompt)
         ids = _encode_bounded(rules, lambda t: tok.encode(t, add_special_tokens=False), text, param)
     elif isinstance(prompt, str):
-        text, ids = prompt, _encode_bounded(rules, rules.tokenize, prompt, param)
+        text, ids = prompt, _encode_bounded(rules, inputs.tokenize, prompt, param)
     else:
-        bad = [t for t in prompt if not 0 <= t < rules.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is out of range [0, {rules.vocab_size - 1}]",
-                           param="prompt")
-        ids = list(prompt)
+        try:
+            ids = inputs.prompt(list(prompt)).token_ids
+        except ValueError as exc:
+            raise APIError(400, f"prompt: {exc}", param="prompt") from None
         text = tok.decode(ids)
     _check_lengths(rules, len(ids), params, param)
+    inputs.check(len(ids), params)  # ValueErrors name their field; the handler makes them 400s
     return PreparedPrompt(text=text, token_ids=ids, first_token=tok.decode(ids[:1]))
 
 
@@ -118,15 +122,16 @@ def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text
 def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt: bool) -> str:
     """The conversation through the model's chat template, refused first if its text alone is longer
     than any context could hold (each string is bounded by limits.py; their sum is bounded here)."""
-    tok = rules.tokenizer
-    if not tok.chat_template:
+    if not rules.inputs.tokenizer.chat_template:
         raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
     chars = sum(len(m["content"]) for m in messages)
     if chars > rules.max_chars:
         raise APIError(400, f"messages: the conversation holds {chars} characters (at most {rules.max_chars}; "
                             "longer text cannot fit the context)", param="messages")
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return rules.inputs.render_chat(messages, add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
     except Exception as exc:  # jinja raises on conversations the template refuses
         raise APIError(400, f"messages: the chat template rejected the conversation: {exc}",
                        param="messages") from None

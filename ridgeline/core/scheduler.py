@@ -1,0 +1,368 @@
+"""Token-budget scheduler in the vLLM v1 style (torch-free).
+
+One engine step is `out = scheduler.schedule()` -> `result = runner.execute(out)` ->
+`scheduler.update_from_output(out, result)` -> the output processor.
+
+schedule(): running sequences first (those one token behind, i.e. decodes, before those still
+prefilling), then waiting sequences in arrival order, each given min(pending tokens, remaining
+budget). A prompt longer than the budget is therefore prefilled in chunks while decodes keep
+flowing (Sarathi-Serve's stall-free batching). When the KV pool runs out, the newest running
+sequence is preempted: its blocks are freed and it is recomputed from its tokens later. A newly
+admitted sequence starts at its longest prefix in the prefix cache (num_computed_tokens jumps
+ahead), the same rule again.
+
+update_from_output(): advances num_computed_tokens, registers full blocks in the prefix cache,
+forks a request's other samples off its first once the prompt is computed, appends sampled
+tokens, and finishes sequences on stop tokens, EOS and length. Stop strings need text: the
+output processor finds them and calls finish_seq().
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import HydragenConfig, SchedulerConfig
+from .kv_blocks import BlockManager
+from .prefix_groups import SharedPrefix, find_shared_prefixes
+from .request import Request, Sequence, SeqStatus
+
+# (token id, its logprob, its rank, top ids, top logprobs): one generated or prompt position
+TokenLogprobs = tuple[int, float, int, list[int], list[float]]
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: positions [start, start + num_new_tokens) are computed."""
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    # the step reaches the sequence's last token, so its last row's logits give the next token
+    sample: bool = False
+    # samples of the same request still to fork off this one: they sample from the same row
+    fork_candidates: list[Sequence] = field(default_factory=list)
+    # prompt positions [first, last) whose rows give the next prompt token's logprob
+    prompt_logprobs: tuple[int, int] | None = None
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes, as plain data: the model runner turns it into tensors."""
+    seqs: list[ScheduledSeq] = field(default_factory=list)  # decode rows (one new token) first
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    shared_prefixes: list[SharedPrefix] = field(default_factory=list)  # over the decode rows (Hydragen)
+    own_start_blocks: list[int] = field(default_factory=list)  # per decode row: first block not shared
+    finished_seq_ids: list[int] = field(default_factory=list)  # since the last output: the runner drops them
+    num_preempted: int = 0
+
+    @property
+    def num_decode_rows(self) -> int:
+        n = 0
+        while n < len(self.seqs) and self.seqs[n].num_new_tokens == 1:
+            n += 1
+        return n
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the runner returns, as plain data. Speculative decoding returns several tokens per
+    sequence through the same lists."""
+    sampled: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> new token ids
+    logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per new token
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per position
+
+
+@dataclass
+class SeqUpdate:
+    """What a step added to one sequence, for the output processor."""
+    seq: Sequence
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 eos_token_ids: list[int], hydragen: HydragenConfig | None = None):
+        self.config = config
+        self.blocks = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = list(eos_token_ids)
+        self.hydragen = hydragen  # the resolved policy; None: off (or a sliding-window model)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.pending_prefix: dict[int, Sequence] = {}  # block hash -> running sequence computing that block
+        self._pending_copies: list[tuple[Sequence, int, int]] = []  # (forked sample, src, dst)
+        self._finished_ids: list[int] = []
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # computed prompt tokens (recomputation after preemption included)
+        self.num_generation_tokens = 0
+        self.num_steps = 0
+        self.num_hydragen_steps = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request: its first sample waits; the others fork from it after its prompt."""
+        self.waiting.append(req.seqs[0])
+
+    def abort_request(self, req: Request) -> None:
+        for seq in req.seqs:
+            if not seq.finished:
+                self.finish_seq(seq, "abort")
+        req.unforked = []
+
+    def finish_seq(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (a stop condition or an abort) and free its blocks. A finished one keeps its
+        blocks freed and only has its reason updated (a stop string found after a stop token)."""
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.finished:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.release_prefix_claims(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = SeqStatus.FINISHED
+        self._finished_ids.append(seq.seq_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        order = [s for s in self.running if s.num_pending_tokens == 1]
+        order += [s for s in self.running if s.num_pending_tokens > 1]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_pending_tokens, budget)
+            while not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new):
+                victim = self._newest_unscheduled(scheduled)
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            scheduled.add(seq.seq_id)
+            out.seqs.append(self._scheduled(seq, num_new))
+            budget -= num_new
+
+        # Admit waiting sequences only when nothing was preempted: they would just thrash.
+        if not out.num_preempted:
+            self._admit(out, budget, scheduled)
+
+        # Decode rows first: the attention metadata groups them (a stable sort keeps the order).
+        out.seqs.sort(key=lambda s: s.num_new_tokens != 1)
+        out.blocks_to_copy = [(src, dst) for child, src, dst in self._pending_copies
+                              if child.status is SeqStatus.RUNNING]
+        self._pending_copies = []
+        out.finished_seq_ids, self._finished_ids = self._finished_ids, []
+        self._group_shared_prefixes(out)
+        if out.seqs:
+            self.num_steps += 1
+            if out.shared_prefixes:
+                self.num_hydragen_steps += 1
+        return out
+
+    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        item = ScheduledSeq(seq, start, num_new, sample=start + num_new == seq.num_tokens)
+        req = seq.request
+        if item.sample and seq.index == 0:
+            item.fork_candidates = list(req.unforked)
+        if req.num_prompt_logprobs is not None and seq.index == 0:
+            first, last = max(start, req.num_prompt_logprobs - 1), min(start + num_new, seq.num_prompt_tokens - 1)
+            if last > first:
+                item.prompt_logprobs = (first, last)
+        return item
+
+    def _group_shared_prefixes(self, out: SchedulerOutput) -> None:
+        n_dec = out.num_decode_rows
+        if self.hydragen is None or n_dec < 2:
+            return
+        bs = self.blocks.block_size
+        dec = out.seqs[:n_dec]
+        parts, own = find_shared_prefixes([s.seq.block_table for s in dec], [s.start // bs for s in dec], bs,
+                                          self.hydragen)
+        if parts:
+            out.shared_prefixes, out.own_start_blocks = parts, own
+
+    def _admit(self, out: SchedulerOutput, budget: int, scheduled: set[int]) -> None:
+        """FCFS admission. A sequence starts from its longest cached prefix; one whose next prompt
+        block is being computed by a running sequence is passed over until that block is cached,
+        so requests sharing a prefix compute it once."""
+        bs = self.blocks.block_size
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            width = 1 + len(seq.request.unforked)  # forked samples join the running set with it
+            if len(self.running) + width > self.config.max_num_seqs:
+                break
+            # A waiting sequence holds no blocks (new, or preempted and freed).
+            # prompt_logprobs need every prompt position's logits: such a request computes its whole prompt.
+            hits = ([] if seq.request.params.prompt_logprobs is not None
+                    else self.blocks.match_prefix(seq.token_ids, seq.block_hashes))
+            if self._prefix_pending(seq, len(hits)):
+                deferred.append(self.waiting.popleft())
+                continue
+            computed = len(hits) * bs
+            num_new = min(seq.num_tokens - computed, budget)
+            need = -(-(computed + num_new) // bs) - len(hits)
+            if need + self.blocks.num_reusable(hits) > self.blocks.allocator.num_free:
+                break
+            self.waiting.popleft()
+            self.blocks.reuse(seq.block_table, hits, seq.num_prompt_tokens)
+            seq.num_computed_tokens = computed
+            self.blocks.allocate(seq.block_table, computed + num_new)
+            self._claim_prefix(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.add(seq.seq_id)
+            out.seqs.append(self._scheduled(seq, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prefix_pending(self, seq: Sequence, num_hit_blocks: int) -> bool:
+        """True when the first prompt block past the cached prefix is being computed by another
+        running sequence."""
+        hashes = seq.block_hashes
+        if not self.blocks.enable_prefix_caching or num_hit_blocks >= len(hashes):
+            return False
+        owner = self.pending_prefix.get(hashes[num_hit_blocks])
+        return owner is not None and owner is not seq and owner.status is SeqStatus.RUNNING
+
+    def _claim_prefix(self, seq: Sequence) -> None:
+        """Mark the seq's uncomputed full prompt blocks as being computed by it."""
+        if self.blocks.enable_prefix_caching:
+            for h in seq.block_hashes[seq.num_computed_tokens // self.blocks.block_size:]:
+                self.pending_prefix.setdefault(h, seq)
+
+    def release_prefix_claims(self, seq: Sequence) -> None:
+        """Drop the seq's claims on blocks it was computing (it was preempted or left)."""
+        for h in seq.block_hashes:
+            if self.pending_prefix.get(h) is seq:
+                del self.pending_prefix[h]
+
+    def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
+        for seq in reversed(self.running):
+            if seq.seq_id not in scheduled:
+                return seq
+        raise RuntimeError("KV cache cannot hold the scheduled sequences")  # guarded by engine sizing
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release_prefix_claims(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ update
+
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[SeqUpdate]:
+        """Apply a step's results: computed tokens, prefix-cache registration, forks, new tokens and
+        the stop conditions that need no text. Returns what changed, per sequence."""
+        bm = self.blocks
+        updates: list[SeqUpdate] = []
+        for item in out.seqs:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens <= seq.num_prompt_tokens:
+                self.num_prompt_tokens += item.num_new_tokens
+            seq.num_cached_blocks = bm.cache_full_blocks(seq.token_ids, seq.block_hashes, seq.block_table,
+                                                         seq.num_computed_tokens, seq.num_cached_blocks)
+        forked: list[Sequence] = []
+        for item in out.seqs:
+            if item.fork_candidates:
+                forked += self._fork(item.seq, item.fork_candidates)
+        now = time.monotonic()
+        for item in out.seqs:
+            seq = item.seq
+            prompt_lp = result.prompt_logprobs.get(seq.seq_id)
+            if prompt_lp is not None:
+                seq.request.num_prompt_logprobs = item.prompt_logprobs[1] + 1
+            if item.sample or prompt_lp is not None:
+                updates.append(SeqUpdate(seq, [], None, prompt_lp))
+        updates += [SeqUpdate(child, []) for child in forked]
+        for upd in updates:
+            seq = upd.seq
+            tokens = result.sampled.get(seq.seq_id)
+            if not tokens:
+                continue
+            lps = result.logprobs.get(seq.seq_id)
+            for j, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                upd.new_token_ids.append(token)
+                if lps is not None:
+                    upd.logprobs = (upd.logprobs or []) + [lps[j]]
+                self.num_generation_tokens += 1
+                if self._check_stop(seq, token):
+                    break
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+        return updates
+
+    def _fork(self, parent: Sequence, candidates: list[Sequence]) -> list[Sequence]:
+        """Start the request's other samples from the parent's computed prompt: full blocks shared,
+        the partly filled last block copied by the runner before the next step. A sample that finds
+        no free block for its copy queues as an ordinary sequence (it will still reuse the cached
+        full blocks); its token sampled this step is dropped."""
+        req = parent.request
+        forked = []
+        for child in candidates:
+            if child not in req.unforked:  # aborted meanwhile
+                continue
+            fork = self.blocks.fork(parent.block_table, parent.num_computed_tokens)
+            if fork is None:
+                self.waiting.appendleft(child)
+                continue
+            child.block_table, copy = fork
+            if copy is not None:
+                self._pending_copies.append((child, *copy))
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SeqStatus.RUNNING
+            self.running.append(child)
+            forked.append(child)
+        req.unforked = []
+        return forked
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        """Finish on a stop token, EOS (after min_tokens) or length; True if it finished."""
+        params = seq.params
+        reason, stop_reason = None, None
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif not params.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+        if reason is None and ((params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return False
+        self.finish_seq(seq, reason, stop_reason)
+        return True
