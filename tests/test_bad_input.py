@@ -56,13 +56,13 @@ def test_bad_prompts_leave_others_untouched(llm_fp32):
             if out.request_id == rid and out.finished:
                 done = out
     assert done.outputs[0].token_ids == alone
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert not engine._scheduler.running and not engine._scheduler.waiting
 
 
 def test_bad_batch_rejected_whole(llm_fp32):
     with pytest.raises(ValueError, match="prompt"):
         llm_fp32.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
-    assert not llm_fp32.engine.scheduler.waiting and not llm_fp32.engine.requests
+    assert not llm_fp32.engine._scheduler.waiting and not llm_fp32.engine._requests
 
 
 def test_missing_model_file(tmp_path):

@@ -23,12 +23,12 @@ MIXED = [SYSTEM + "\nQ: " + q for q in QUESTIONS[:3]] + ["The quick brown fox", 
 
 
 def assert_no_leak(llm: LLM) -> None:
-    alloc = llm.engine.block_manager.allocator
+    alloc = llm.engine._blocks.allocator
     assert all(c == 0 for c in alloc.ref_counts), "a block is still referenced"
     assert alloc.num_used == 0 and alloc.num_free == alloc.num_blocks and alloc.num_shared == 0
     assert len(alloc.free_blocks) + len(alloc.evictable) == alloc.num_blocks
-    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
-    assert not llm.engine.scheduler.pending_prefix
+    assert not llm.engine._scheduler.running and not llm.engine._scheduler.waiting
+    assert not llm.engine._scheduler.pending_prefix
 
 
 def token_ids(outs) -> list[list[int]]:
@@ -45,21 +45,21 @@ def uncached():
 
 def test_prefix_caching_and_hydragen_give_identical_outputs(uncached):
     ref_llm, reference = uncached
-    assert ref_llm.engine.stats["prefix_cache_hits"] == 0 and ref_llm.engine.stats["hydragen_steps"] == 0
+    assert ref_llm.engine.get_stats().prefix_cache_hits == 0 and ref_llm.engine.get_stats().hydragen_steps == 0
     # the PyTorch-attention break-even, low enough for these ~300-token shared prompts to engage Hydragen
     llm = LLM(dtype="float32", quantization="none", max_model_len=1024, kv_cache_memory="256MiB", hydragen_min_saved_tokens=512)
     first = llm.generate(MIXED, GREEDY, use_tqdm=False)
-    stats = llm.engine.stats
-    assert stats["hydragen_steps"] > 0, "the six system-prompt requests should decode with a shared prefix"
+    stats = llm.engine.get_stats()
+    assert stats.hydragen_steps > 0, "the six system-prompt requests should decode with a shared prefix"
     prefix_blocks = len(llm.get_tokenizer().encode(SYSTEM)) // 16
     # the five later system-prompt requests waited for the first to compute the shared blocks
-    assert stats["prefix_cache_hits"] >= 5 * prefix_blocks * 16
+    assert stats.prefix_cache_hits >= 5 * prefix_blocks * 16
     assert token_ids(first) == reference
-    hits_before = stats["prefix_cache_hits"]
+    hits_before = stats.prefix_cache_hits
     second = llm.generate(MIXED, GREEDY, use_tqdm=False)  # everything is cached now
     assert token_ids(second) == reference
     tok = llm.get_tokenizer()
-    assert llm.engine.stats["prefix_cache_hits"] - hits_before == sum((len(tok.encode(p)) - 1) // 16 * 16 for p in MIXED)
+    assert llm.engine.get_stats().prefix_cache_hits - hits_before == sum((len(tok.encode(p)) - 1) // 16 * 16 for p in MIXED)
     assert_no_leak(llm)
 
 
@@ -69,9 +69,9 @@ def test_eviction_under_memory_pressure_keeps_outputs(uncached):
     llm = LLM(dtype="float32", quantization="none", max_model_len=512, num_kv_blocks=32, max_num_seqs=4)
     for _ in range(2):
         assert token_ids(llm.generate(MIXED, GREEDY, use_tqdm=False)) == reference
-    alloc = llm.engine.block_manager.allocator
+    alloc = llm.engine._blocks.allocator
     assert alloc.num_evictions > 0, "the small pool should have evicted cached blocks"
-    assert llm.engine.stats["prefix_cache_hits"] > 0
+    assert llm.engine.get_stats().prefix_cache_hits > 0
     assert_no_leak(llm)
 
     # Aborting mid-flight (some requests running, some forked, some waiting) frees everything too.
@@ -93,10 +93,10 @@ def test_n16_forks_share_the_prompt_blocks():
     prompt = tok.encode(LONG * 3)[:1000 - len(tail)] + tail
     params = SamplingParams(n=16, temperature=1.2, seed=42, max_tokens=6, ignore_eos=True)
     rid = engine.add_request({"prompt_token_ids": prompt}, params)
-    req = engine.requests[rid]
+    req = engine._requests[rid]
     while req.seqs[0].num_computed_tokens < len(prompt):
         engine.step()
-    alloc = engine.block_manager.allocator
+    alloc = engine._blocks.allocator
     full, partial = divmod(len(prompt), 16)
     assert partial, "the prompt should end in a partly filled block"
     # 62 full blocks held once (by all 16 samples) + one private copy of the last block per sample,
@@ -104,7 +104,7 @@ def test_n16_forks_share_the_prompt_blocks():
     assert alloc.num_used == full + 16
     assert all(alloc.ref_counts[b] == 16 for b in req.seqs[0].block_table[:full])
     assert alloc.num_shared == full
-    assert engine.stats["prompt_tokens"] == len(prompt)
+    assert engine.get_stats().prompt_tokens == len(prompt)
     assert all(len(s.output_token_ids) == 1 for s in req.seqs)
     done = None
     while done is None:

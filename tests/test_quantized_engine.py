@@ -114,10 +114,10 @@ def test_chunked_prefill_prefix_cache_and_preemption_on_quantized_weights(quanti
     alone = quantized_fp32.generate(prompts, GREEDY_LP, use_tqdm=False)
     tight = LLM(dtype="float32", quant_activation_bytes=2, max_model_len=384, num_kv_blocks=24, block_size=16, max_num_batched_tokens=16, max_num_seqs=8)
     outs = tight.generate(prompts, GREEDY_LP, use_tqdm=False)
-    assert tight.engine.scheduler.num_preemptions > 0 and tight.engine.stats["prefix_cache_hits"] > 0
+    assert tight.engine.get_stats().num_preemptions > 0 and tight.engine.get_stats().prefix_cache_hits > 0
     gaps = _parting_gaps(alone, outs)
     assert all(g is None or g < NEAR_TIE for g in gaps), gaps
-    assert tight.engine.block_manager.allocator.num_used == 0
+    assert tight.engine._blocks.allocator.num_used == 0
 
 
 # ---------------------------------------------------------------- memory while loading
@@ -143,7 +143,7 @@ for path in sys.argv[1:]:
     before = status("VmRSS:")
     llm = LLM(model=path, max_model_len=256, num_kv_blocks=16, max_num_seqs=4)
     llm.generate(["Hello there"], use_tqdm=False)
-    kv = llm.engine.kv.storage.numel() * llm.engine.kv.storage.element_size()
+    kv = llm.engine.runner.kv.storage.numel() * llm.engine.runner.kv.storage.element_size()
     out[path] = {"peak": status("VmHWM:") - before, "kv": kv}
     del llm
 print(json.dumps(out))

@@ -36,11 +36,11 @@ def test_chunked_prefill_and_preemption_match(reference):
               max_num_batched_tokens=16, max_num_seqs=16)
     outs = llm.generate(MIXED_PROMPTS, GREEDY, use_tqdm=False)
     engine = llm.engine
-    assert engine.scheduler.num_preemptions > 0, "the tiny pool should have forced preemption"
+    assert engine.get_stats().num_preemptions > 0, "the tiny pool should have forced preemption"
     for prompt, alone, out in zip(MIXED_PROMPTS, reference, outs):
         assert out.outputs[0].token_ids == alone, prompt[:40]
-    assert engine.block_manager.allocator.num_used == 0
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine._blocks.allocator.num_used == 0
+    assert not engine._scheduler.running and not engine._scheduler.waiting
 
 
 def test_long_prompt_chunked_while_others_decode(llm_fp32):
@@ -48,10 +48,10 @@ def test_long_prompt_chunked_while_others_decode(llm_fp32):
     engine = llm_fp32.engine
     long_prompt = MIXED_PROMPTS[12] * 3
     alone = llm_fp32.generate([long_prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    old = engine.scheduler.config.max_num_batched_tokens
-    engine.scheduler.config.max_num_batched_tokens = 64
+    old = engine._scheduler.config.max_num_batched_tokens
+    engine._scheduler.config.max_num_batched_tokens = 64
     try:
         outs = llm_fp32.generate(MIXED_PROMPTS[:3] + [long_prompt], GREEDY, use_tqdm=False)
     finally:
-        engine.scheduler.config.max_num_batched_tokens = old
+        engine._scheduler.config.max_num_batched_tokens = old
     assert outs[3].outputs[0].token_ids == alone
