@@ -212,8 +212,9 @@ def test_calibrate_then_plan_local(tmp_path):
 
 def test_calibration_shared_prefix_shapes_run_the_engines_hydragen_parts(monkeypatch):
     """The model prices one Hydragen part per shared prefix of a step shape; the shapes that
-    calibrate and check that price must make the real engine run exactly those parts."""
-    from ridgeline import attention
+    calibrate and check that price must make the real engine run exactly those parts (counted in
+    the attention metadata the model runner builds), and leave no block held after the step."""
+    from ridgeline import model_runner
     from ridgeline.perf.calibrate import CALIBRATION_SHAPES, EngineStepTimer, holdout_grid
 
     shapes = [(label, s) for label, s in CALIBRATION_SHAPES + holdout_grid() if s.shared_prefixes]
@@ -221,18 +222,19 @@ def test_calibration_shared_prefix_shapes_run_the_engines_hydragen_parts(monkeyp
     parts: list[int] = []
 
     def counting(*args, **kwargs):
-        found, own = find(*args, **kwargs)
-        parts.append(len(found))
-        return found, own
+        meta = build(*args, **kwargs)
+        parts.append(len(meta.decode.prefix_parts or []))
+        return meta
 
-    find = attention.find_shared_prefixes
-    monkeypatch.setattr(attention, "find_shared_prefixes", counting)
+    build = model_runner.build_metadata
+    monkeypatch.setattr(model_runner, "build_metadata", counting)
     kv = max(sum(w.context_len + w.new_tokens + 16 for w in s.seqs) for _, s in shapes)
     timer = EngineStepTimer(dtype="bfloat16", kv_tokens=kv, repeats=1)
     for label, shape in shapes:
         parts.clear()
         timer.run_step(shape)
         assert parts == [len(shape.shared_prefixes)], label
+        assert timer.kv_usage == 0, label
 
 
 def test_gguf_formats_priced_by_their_bytes_per_weight():

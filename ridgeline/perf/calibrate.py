@@ -2,14 +2,18 @@
 overhead terms (HELP's few-sample idea: the roofline supplies the shape of the latency
 function, a handful of measurements on the new device pins its constants).
 
-Steps are timed through `LLMEngine.step()` itself (scheduler, metadata, forward, sampling,
-output processing), on sequences placed directly into the scheduler as if their first
-`context` tokens were already computed: the KV contents are zeros, which costs the same.
+A step of a chosen shape is built as the scheduler would emit it (a core.SchedulerOutput of
+ScheduledSeqs whose first `context` tokens count as computed, block tables from a block
+manager the size of the engine's pool, Hydragen's shared-prefix parts from the engine's
+policy) and timed through the engine's ModelRunner (metadata, forward, sampling): the KV
+contents are zeros, which costs the same. The scheduler's own bookkeeping and the output
+processor are not timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import statistics
@@ -18,9 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import EngineConfig, LLMEngine
+from ..core.kv_blocks import BlockManager
+from ..core.prefix_groups import find_shared_prefixes
+from ..core.request import Request, Sequence, SeqStatus
+from ..core.scheduler import ScheduledSeq, SchedulerOutput
+from ..core.config import EngineConfig
+from ..engine import LLMEngine
 from ..sampling_params import SamplingParams
-from ..sequence import SeqStatus
 from .hardware import HardwareSpec
 from .ops import SeqWork, StepShape
 from .predictor import SHARED_PART_OPS, PerfModel
@@ -97,57 +105,98 @@ class EngineStepTimer:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  kv_tokens: int = 140_000, repeats: int = REPEATS, seed: int = 0):
         block = 16
-        self.engine = LLMEngine(EngineConfig(
+        self.engine = LLMEngine(EngineConfig.from_kwargs(
             model=model, dtype=dtype, device=device, num_kv_blocks=-(-kv_tokens // block), block_size=block,
             max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=False))
         self.repeats = repeats
         self.rng = random.Random(seed)
+        eng = self.engine
+        # the step's block tables: a pool the engine's size, so shared-prefix blocks are real shared ids
+        self._blocks = BlockManager(eng.num_kv_blocks, eng.block_size, eng.enable_prefix_caching)
+        self.hydragen = eng.hydragen  # the shared-prefix policy the engine's scheduler runs
+        self._finished: list[int] = []  # seq ids the runner has not been told are gone
+        self._ids = itertools.count()
 
     @property
     def dtype(self) -> str:
         return str(self.engine.dtype).removeprefix("torch.")
 
-    def _place(self, work: SeqWork, shared: list[int] | None = None) -> list[int]:
-        """Queue a request whose first `context_len` tokens count as computed, and make it running;
-        its block table starts with the `shared` blocks (held by another sequence too). Returns
-        its block table."""
+    @property
+    def kv_usage(self) -> float:
+        """The fraction of the timer's KV blocks held (0 between steps)."""
+        return self._blocks.usage
+
+    def _sequence(self, work: SeqWork) -> Sequence:
+        """A running sequence of context_len + new_tokens random prompt tokens whose first
+        context_len count as computed (validated as the engine validates a prompt)."""
         eng = self.engine
         vocab = eng.model_config.vocab_size
         ids = [self.rng.randrange(3, vocab) for _ in range(work.context_len + work.new_tokens)]
-        rid = eng.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        seq = eng.requests[rid].seqs[0]
-        sched = eng.scheduler
-        sched.waiting.remove(seq)
-        for block in shared or []:
-            eng.block_manager.allocator.share(block)
-            seq.block_table.append(block)
-        eng.block_manager.allocate(seq.block_table, work.context_len)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        processed = eng.inputs.process(ids, params)
+        req = Request.create(f"calibrate-{next(self._ids)}", processed.token_ids, params, base_seed=0)
+        seq = req.seqs[0]
         seq.num_computed_tokens = work.context_len
         seq.status = SeqStatus.RUNNING
-        sched.running.append(seq)
-        return seq.block_table
+        return seq
 
-    def _clear(self) -> None:
-        for rid in list(self.engine.requests):
-            self.engine.abort_request(rid)
+    def build_step(self, shape: StepShape) -> SchedulerOutput:
+        """The SchedulerOutput the engine's scheduler would emit for the shape: each sequence computes
+        its new tokens and samples; rows named in a shared prefix after the first start their block
+        tables with the first row's blocks of that prefix (held by both, as after prefix-cache hits);
+        decode rows first; Hydragen's parts as the engine's policy finds them."""
+        if not all(w.sampled for w in shape.seqs):
+            raise ValueError("calibration shapes must end their prompts in the step (sampled=True)")
+        bm, bs = self._blocks, self._blocks.block_size
+        share_of = {r: length // bs for rows, length in shape.shared_prefixes for r in rows[1:]}
+        lead_of = {r: rows[0] for rows, _ in shape.shared_prefixes for r in rows[1:]}
+        items: dict[int, ScheduledSeq] = {}  # by index into shape.seqs
+        try:
+            for i, w in enumerate(shape.seqs):
+                seq = self._sequence(w)
+                items[i] = ScheduledSeq(seq, w.context_len, w.new_tokens, sample=True)
+                if i in lead_of:
+                    if lead_of[i] not in items:
+                        raise ValueError(f"a shared prefix's first row must come first in the shape, got {shape}")
+                    # the lead's first blocks, held by both as after a prefix-cache hit
+                    bm.reuse(seq.block_table, items[lead_of[i]].seq.block_table[:share_of[i]],
+                             seq.num_prompt_tokens)
+                if not bm.can_allocate(seq.block_table, seq.num_tokens):
+                    raise ValueError(f"the calibration engine's KV pool ({self.engine.num_kv_blocks} blocks of "
+                                     f"{bs}) cannot hold a step of {len(shape.seqs)} sequences and "
+                                     f"{sum(w.context_len + w.new_tokens for w in shape.seqs)} tokens")
+                bm.allocate(seq.block_table, seq.num_tokens)
+        except BaseException:
+            self._release(list(items.values()))
+            raise
+        out = SchedulerOutput(finished_seq_ids=self._finished)
+        self._finished = []
+        out.seqs = sorted(items.values(), key=lambda s: s.num_new_tokens != 1)  # stable: decode rows first
+        n_dec = out.num_decode_rows
+        if shape.shared_prefixes and self.hydragen is not None and n_dec >= 2:
+            dec = out.seqs[:n_dec]
+            parts, own = find_shared_prefixes([s.seq.block_table for s in dec], [s.start // bs for s in dec],
+                                              bs, self.hydragen)
+            if parts:
+                out.shared_prefixes, out.own_start_blocks = parts, own
+        return out
+
+    def _release(self, items: list[ScheduledSeq]) -> None:
+        """Free the step's blocks; the runner hears of its sequences at the next step."""
+        for item in items:
+            self._blocks.free(item.seq.block_table)
+            item.seq.status = SeqStatus.FINISHED
+            self._finished.append(item.seq.seq_id)
 
     def run_step(self, shape: StepShape) -> float:
-        """Wall seconds of one engine.step() on the shape."""
-        bs = self.engine.cache_config.block_size
-        share_of = {r: length // bs for rows, length in shape.shared_prefixes for r in rows[1:]}
-        lead = {rows[0]: rows for rows, _ in shape.shared_prefixes}
-        tables: dict[int, list[int]] = {}
-        for i, w in enumerate(shape.seqs):
-            if not w.sampled:
-                raise ValueError("calibration shapes must end their prompts in the step (sampled=True)")
-            first = next((rows[0] for rows in lead.values() if i in rows[1:]), None)
-            tables[i] = self._place(w, tables[first][:share_of[i]] if first is not None else None)
+        """Wall seconds of the engine's ModelRunner executing one step of the shape."""
+        out = self.build_step(shape)
         sync()
         t = time.perf_counter()
-        self.engine.step()
+        self.engine.runner.execute(out)
         sync()
         elapsed = time.perf_counter() - t
-        self._clear()
+        self._release(out.seqs)
         return elapsed
 
     def measure(self, shapes: list[tuple[str, StepShape]], warmup: int = 2) -> list[Sample]:
