@@ -14,8 +14,8 @@ import statistics
 import time
 
 from ridgeline.bench.datasets import prefix_repetition_dataset
-from ridgeline.engine import EngineConfig, LLMEngine
-from ridgeline.hydragen import find_shared_prefixes
+from ridgeline.core.config import EngineConfig
+from ridgeline.engine import LLMEngine
 from ridgeline.perf import PerfModel, SeqWork, StepShape, load_spec
 from ridgeline.sampling_params import SamplingParams
 
@@ -31,41 +31,33 @@ def main() -> None:
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--min-saved-tokens", type=int, default=512)
     args = ap.parse_args()
-    engine = LLMEngine(EngineConfig(kv_cache_memory="2GiB", enable_hydragen=not args.no_hydragen,
-                                    enable_prefix_caching=not args.no_prefix_caching,
-                                    hydragen_min_saved_tokens=args.min_saved_tokens))
+    engine = LLMEngine(EngineConfig.from_kwargs(kv_cache_memory="2GiB", enable_hydragen=not args.no_hydragen,
+                                                enable_prefix_caching=not args.no_prefix_caching,
+                                                hydragen_min_saved_tokens=args.min_saved_tokens))
     pm = PerfModel(engine.model_config, load_spec(args.hardware))
     engine.add_request("warm up", SamplingParams(max_tokens=8))
     while engine.has_unfinished_requests():
         engine.step()
 
     shapes: list[StepShape] = []
-    schedule = engine.scheduler.schedule
-
-    bs = engine.cache_config.block_size
+    schedule = engine._scheduler.schedule
+    bs = engine.block_size
 
     def recording_schedule():
-        """The step's shape, decode rows first as the engine lays them out, with the shared
-        prefixes Hydragen will attend once (the engine's own rule on the real block tables)."""
-        batch = schedule()
-        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: r[1] != 1)
-        decodes = [s for s, n in rows if n == 1]
-        shared = []
-        if engine.hydragen is not None and len(decodes) >= 2:
-            parts, _ = find_shared_prefixes([s.block_table for s in decodes],
-                                            [s.num_computed_tokens // bs for s in decodes], bs, engine.hydragen)
-            shared = [(tuple(p.rows), len(p.blocks) * bs) for p in parts]
-        shapes.append(StepShape([SeqWork(n, s.num_computed_tokens, s.num_computed_tokens + n == s.num_tokens)
-                                 for s, n in rows], shared_prefixes=shared))
-        return batch
+        """The step's shape as the model runner gets it (decode rows first), with the shared
+        prefixes Hydragen attends once (the scheduler's grouping on the real block tables)."""
+        out = schedule()
+        shapes.append(StepShape([SeqWork(s.num_new_tokens, s.start, s.sample) for s in out.seqs],
+                                shared_prefixes=[(tuple(p.rows), len(p.blocks) * bs) for p in out.shared_prefixes]))
+        return out
 
-    engine.scheduler.schedule = recording_schedule
+    engine._scheduler.schedule = recording_schedule
     pending = prefix_repetition_dataset(args.prompts, 256, 32, 4, OUTPUT_LEN, seed=100 + args.concurrency)
     params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, temperature=0.0)
     start, ttft, e2e, steps = {}, {}, {}, []
     t0 = time.perf_counter()
     while pending or engine.has_unfinished_requests():
-        while pending and len(engine.requests) < args.concurrency:
+        while pending and len(engine.request_ids()) < args.concurrency:
             rid = engine.add_request(pending.pop(0).prompt, params)
             start[rid] = time.perf_counter()
         t = time.perf_counter()
@@ -83,7 +75,7 @@ def main() -> None:
     tpot = statistics.fmean((e2e[r] - ttft[r]) / (OUTPUT_LEN - 1) for r in e2e)
     print(f"concurrency {args.concurrency}: {len(steps)} steps, {args.prompts * OUTPUT_LEN / wall:.1f} output tok/s, "
           f"mean TTFT {1e3 * statistics.fmean(ttft.values()):.0f} ms, mean TPOT {1e3 * tpot:.1f} ms, "
-          f"hydragen steps {engine.stats['hydragen_steps']}")
+          f"hydragen steps {engine.get_stats().hydragen_steps}")
     print(f"step time: measured {measured:.2f} s, predicted {predicted:.2f} s ({100 * (predicted - measured) / measured:+.1f}%)")
     for label, keep in (("decode-only", True), ("with prefill", False)):
         part = [s for s in steps if s[2] == keep]

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from ridgeline.bench.metrics import compute_metrics
-from ridgeline.hydragen import MIN_SAVED_TOKENS_CPU_KERNELS, MIN_SAVED_TOKENS_TORCH
+from ridgeline.core.config import MIN_SAVED_TOKENS_CPU_KERNELS, MIN_SAVED_TOKENS_TORCH
 from ridgeline.kernels import load_cpu_kernels
 from ridgeline.sim import SimConfig, WorkloadSpec, build_workload, records, simulate
 
@@ -65,8 +65,8 @@ def _serve(port: int) -> subprocess.Popen:
 def _simulate(hardware: str, concurrency: int, prompts: int, seed: int, client_latency: float) -> dict:
     # the server's engine picks Hydragen's break-even by its decode attention; the simulation follows it
     min_saved = MIN_SAVED_TOKENS_CPU_KERNELS if load_cpu_kernels() is not None else MIN_SAVED_TOKENS_TORCH
-    cfg = SimConfig(hardware=hardware, kv_cache_memory="2GiB", client_latency=client_latency,
-                    hydragen_min_saved_tokens=min_saved)
+    cfg = SimConfig.from_kwargs(hardware=hardware, kv_cache_memory="2GiB", client_latency=client_latency,
+                                hydragen_min_saved_tokens=min_saved)
     spec = WorkloadSpec(num_requests=prompts, seed=seed, max_concurrency=concurrency, **WORKLOAD)
     result = simulate(cfg, build_workload(spec))
     return compute_metrics(records(result), result.makespan_s).to_dict()

@@ -55,19 +55,19 @@ def attainment(result, slos: dict[str, float]) -> float:
 class Experiment:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.base = SimConfig(model=args.model, hardware=args.hardware, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens, link_bandwidth=args.link_bandwidth,
-                              replicas=args.devices)
+        self.base = SimConfig.from_kwargs(model=args.model, hardware=args.hardware, max_num_seqs=args.max_num_seqs,
+                                          max_num_batched_tokens=args.max_num_batched_tokens,
+                                          link_bandwidth=args.link_bandwidth, replicas=args.devices)
         self.pm = build_perf_model(self.base)
         self.cache: dict[tuple, object] = {}
         self.sims = 0
 
     def config(self, prefill: int | None) -> SimConfig:
         a = self.args
-        return SimConfig(model=a.model, hardware=a.hardware, max_num_seqs=a.max_num_seqs,
-                         max_num_batched_tokens=a.max_num_batched_tokens, replicas=a.devices,
-                         policy="disaggregated" if prefill else "colocated", prefill_replicas=prefill,
-                         link_bandwidth=a.link_bandwidth, router="least-loaded")
+        return SimConfig.from_kwargs(model=a.model, hardware=a.hardware, max_num_seqs=a.max_num_seqs,
+                                     max_num_batched_tokens=a.max_num_batched_tokens, replicas=a.devices,
+                                     policy="disaggregated" if prefill else "colocated", prefill_replicas=prefill,
+                                     link_bandwidth=a.link_bandwidth, router="least-loaded")
 
     def run(self, prefill: int | None, rate: float):
         key = (prefill, round(rate, 6))

@@ -1,5 +1,5 @@
 """The serving simulator against independent computations: step times from PerfModel, and the
-engine's own Scheduler and BlockManager driven step by step on the same workload."""
+engine's own Scheduler driven through its public API on the same workload."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import argparse
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ridgeline.bench.metrics import max_concurrency_observed
-from ridgeline.hydragen import HydragenConfig, find_shared_prefixes
-from ridgeline.kv_cache import BlockManager
+from ridgeline.core import (BlockManager, CacheConfig, HydragenConfig, ModelRunnerOutput, Request, Scheduler,
+                            SchedulerConfig)
+from ridgeline.core.config import MIN_SAVED_TOKENS_TORCH
+from ridgeline.core.prefix_groups import find_shared_prefixes
 from ridgeline.perf import HardwareSpecError, SeqWork, StepShape
 from ridgeline.sampling_params import SamplingParams
-from ridgeline.scheduler import Scheduler, SchedulerConfig
-from ridgeline.sequence import Request, Sequence
 from ridgeline.sim import (SimConfig, Simulator, StepTimer, WorkloadSpec, build_perf_model, build_workload, records,
                            simulate, summarize, synthetic_workload)
 from ridgeline.sim.cli import add_arguments, run_from_args
@@ -29,7 +31,7 @@ HW = "h100-sxm"
 def cfg(**kw) -> SimConfig:
     base = dict(model=MODEL, hardware=HW)
     base.update(kw)
-    return SimConfig(**base)
+    return SimConfig.from_kwargs(**base)
 
 
 @pytest.fixture(scope="module")
@@ -233,29 +235,17 @@ def test_seeded_runs_are_deterministic(pm):
 
 # ---------------------------------------------------------------- the engine's scheduler as the oracle
 
-def engine_hydragen(batch, hydragen: HydragenConfig | None, block_size: int = 16) -> list[tuple[tuple[int, ...], int]]:
-    """The engine's Hydragen parts for a scheduled batch, as StepShape.shared_prefixes: the decode
-    group is every row with one new token (LLMEngine.step sorts them first), and
-    attention._decode_group runs find_shared_prefixes on their real block tables with
-    num_full_blocks = num_computed_tokens // block_size."""
-    rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
-    if hydragen is None or len(rows) < 2:
-        return []
-    seqs = [batch.seqs[i] for i in rows]
-    parts, _ = find_shared_prefixes([s.block_table for s in seqs], [s.num_computed_tokens // block_size
-                                                                     for s in seqs], block_size, hydragen)
-    return [(tuple(rows[r] for r in p.rows), len(p.blocks) * block_size) for p in parts]
-
-
 def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: list[float], num_blocks: int,
                  max_num_seqs: int, max_tokens: int, prefix_caching: bool = True,
-                 hydragen: HydragenConfig | None = HydragenConfig()):
-    """Drive ridgeline.scheduler.Scheduler with a BlockManager as LLMEngine.step does, timing each
-    batch with PerfModel (Hydragen's saved K/V reads included, as the engine's rule finds them on
-    its block tables): (first-token times, finish times, preemptions, prefix-cache hit tokens,
-    (steps with Hydragen parts, blocks they saved, most parts in a step)))."""
+                 hydragen: HydragenConfig | None = HydragenConfig(MIN_SAVED_TOKENS_TORCH)):
+    """Run the engine's Scheduler through its public API, as LLMEngine.step does, with a stand-in
+    model runner that samples a fresh token per sampling row, timing each step with PerfModel
+    (Hydragen's parts from the step's shared_prefixes): (first-token times, finish times,
+    preemptions, prefix-cache hit tokens, (steps with Hydragen parts, blocks they saved, most
+    parts in a step))."""
     bm = BlockManager(num_blocks, 16, prefix_caching)
-    sch = Scheduler(SchedulerConfig(max_num_seqs, max_tokens), bm)
+    sch = Scheduler(SchedulerConfig(max_num_seqs, max_tokens), bm, pm.model.max_position_embeddings, [],
+                    hydragen=hydragen)
     fresh = itertools.count(10 ** 7)
     n = len(prompts)
     first, done = [None] * n, [None] * n
@@ -264,41 +254,33 @@ def engine_trace(pm, prompts: list[list[int]], outputs: list[int], arrivals: lis
     hy_steps = hy_saved = hy_parts = 0
     while sum(d is not None for d in done) < n:
         while i < n and arrivals[i] <= t:
-            req = Request(str(i), None, list(prompts[i]), SamplingParams(max_tokens=outputs[i]))
-            seq = Sequence(req, 0, list(prompts[i]), len(prompts[i]), None, None)
-            req.seqs.append(seq)
-            rid_of[seq.seq_id] = i
-            sch.add(seq)
+            req = Request.create(str(i), prompts[i], SamplingParams(max_tokens=outputs[i]), base_seed=0)
+            rid_of[req.seqs[0].seq_id] = i
+            sch.add_request(req)
             i += 1
-        batch = sch.schedule()
-        if not batch.seqs:
+        out = sch.schedule()
+        if not out.seqs:
             t = arrivals[i]
             continue
-        starts = [s.num_computed_tokens for s in batch.seqs]
-        shared = engine_hydragen(batch, hydragen)
+        shared = [(tuple(p.rows), len(p.blocks) * 16) for p in out.shared_prefixes]
         if shared:
             hy_steps += 1
             hy_saved += sum((len(rows) - 1) * length for rows, length in shared) // 16
             hy_parts = max(hy_parts, len(shared))
-        t += pm.step_time(StepShape([SeqWork(k, c, c + k == s.num_tokens)
-                                     for s, k, c in zip(batch.seqs, batch.num_new_tokens, starts)], shared))
-        for s, k, c in zip(batch.seqs, batch.num_new_tokens, starts):
-            s.num_computed_tokens += k
-            s.num_cached_blocks = bm.cache_full_blocks(s.token_ids, s.block_hashes, s.block_table,
-                                                       s.num_computed_tokens, s.num_cached_blocks)
-            if c + k == s.num_tokens:
-                s.token_ids.append(next(fresh))
-                r = rid_of[s.seq_id]
-                if first[r] is None:
-                    first[r] = t
-                if s.num_output_tokens >= outputs[r]:
-                    sch.finish(s)
-                    done[r] = t
+        t += pm.step_time(StepShape([SeqWork(s.num_new_tokens, s.start, s.sample) for s in out.seqs], shared))
+        sampled = {s.seq.seq_id: [next(fresh)] for s in out.seqs if s.sample}
+        sampled.update({c.seq_id: [next(fresh)] for s in out.seqs for c in s.fork_candidates})
+        for upd in sch.update_from_output(out, ModelRunnerOutput(sampled=sampled)):
+            r = rid_of[upd.seq.seq_id]
+            if upd.new_token_ids and first[r] is None:
+                first[r] = t
+            if upd.seq.finished:
+                done[r] = t
     return first, done, sch.num_preemptions, bm.num_cache_hits, (hy_steps, hy_saved, hy_parts)
 
 
 def _compare(pm, prompts, outputs, arrivals, chains, num_blocks, max_num_seqs, max_tokens,
-             hydragen: HydragenConfig | None = HydragenConfig()):
+             hydragen: HydragenConfig | None = HydragenConfig(MIN_SAVED_TOKENS_TORCH)):
     """The simulator against engine_trace: identical times, preemptions and hits. Returns the
     simulation and the engine's Hydragen (steps with parts, blocks saved, most parts in a step)."""
     ref_first, ref_done, ref_pre, ref_hits, ref_hy = engine_trace(pm, prompts, outputs, arrivals, num_blocks,
@@ -441,7 +423,7 @@ def test_matches_engine_scheduler_when_prompts_end_on_block_boundaries(pm):
     prompts, chains, outputs = _multi_turn(5, 4, 30, 100, 25, seed=100)
     assert len(prompts[1]) == 256
     hys = []
-    for hydragen in (HydragenConfig(16, 0.1), HydragenConfig(), None):
+    for hydragen in (HydragenConfig(16, 0.1), HydragenConfig(MIN_SAVED_TOKENS_TORCH), None):
         r, hy = _compare(pm, prompts, outputs, [0.0] * len(prompts), chains, num_blocks=94, max_num_seqs=32,
                          max_tokens=128, hydragen=hydragen)
         assert sum(r.preemptions) >= 5 and sum(r.hit_tokens) > 0
@@ -597,13 +579,28 @@ def test_hydragen_fraction_rule_within_a_decode_run(pm):
     (dict(replicas=2, policy="disaggregated", link_latency=-1.0), "--link-latency"),
     (dict(client_latency=float("nan")), "--client-latency"),
     (dict(max_num_seqs=512, max_num_batched_tokens=256), "--max-num-batched-tokens"),
+    (dict(max_num_seqs=0), "--max-num-seqs"),
+    (dict(block_size=0), "--block-size"),
     (dict(kv_cache_memory="lots"), "--kv-cache-memory"),
     (dict(hydragen_min_saved_tokens=0), "--hydragen-min-saved-tokens"),
     (dict(hydragen_min_saved_fraction=1.5), "--hydragen-min-saved-fraction"),
 ])
 def test_bad_config_names_the_option(kw, option):
     with pytest.raises(ValueError, match=option):
-        cfg(**kw).validate()
+        cfg(**kw)
+
+
+def test_config_composes_the_engine_configs():
+    """The nested parts are the engine's own classes (their checks, their defaults, except the KV
+    pool: what the device leaves); settings() gives the flat names back."""
+    c = cfg(max_num_seqs=8, block_size=32, kv_cache_memory="1GiB", enable_hydragen=False, replicas=2)
+    assert c.scheduler == SchedulerConfig(max_num_seqs=8)
+    assert c.cache == CacheConfig(block_size=32, kv_cache_memory="1GiB")
+    assert c.hydragen == HydragenConfig(enabled=False)
+    assert SimConfig().cache.kv_cache_memory is None and SimConfig().hydragen == HydragenConfig()
+    assert SimConfig.from_kwargs(**c.settings()) == c
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer >= 1"):
+        SimConfig(scheduler=SchedulerConfig(max_num_seqs=0))
 
 
 @pytest.mark.parametrize("kw, option", [
@@ -664,10 +661,11 @@ def test_cli_hydragen_options():
     from ridgeline.sim.cli import config_from_args
 
     c, _ = config_from_args(_parse([]))
-    assert (c.enable_hydragen, c.hydragen_min_saved_tokens, c.hydragen_min_saved_fraction) == (True, 512, 0.5)
+    # the engine's defaults with PyTorch attention's break-even, which SimConfig() resolves to too
+    assert c.hydragen == HydragenConfig(512, 0.5) == SimConfig().hydragen.resolve(fused_kernels=False)
     c, _ = config_from_args(_parse(["--disable-hydragen", "--hydragen-min-saved-tokens", "64",
                                     "--hydragen-min-saved-fraction", "0.25"]))
-    assert (c.enable_hydragen, c.hydragen_min_saved_tokens, c.hydragen_min_saved_fraction) == (False, 64, 0.25)
+    assert c.hydragen == HydragenConfig(64, 0.25, enabled=False)
 
 
 def test_workload_lengths_follow_the_bench_datasets():
@@ -687,6 +685,12 @@ def test_workload_lengths_follow_the_bench_datasets():
                                       random_range_ratio=0.2, request_rate=10.0))
     assert 81 <= min(rnd.prompt_len) and max(rnd.prompt_len) <= 121 and 40 <= min(rnd.output_len)
     assert rnd.arrivals[0] == 0.0 and 30 < rnd.arrivals[-1] < 70  # Poisson at 10 req/s
+
+
+def test_importing_the_simulator_does_not_import_torch():
+    """The simulator plans for devices this machine lacks: it needs the engine's rules, not torch."""
+    code = "import sys, ridgeline.sim, ridgeline.sim.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_inf_rate_sends_everything_at_once(pm):

@@ -196,3 +196,9 @@ _FLAT = {
     "hydragen_min_saved_tokens": ("hydragen", "min_saved_tokens"),
     "hydragen_min_saved_fraction": ("hydragen", "min_saved_fraction"),
 }
+
+
+def flat_options(scheduler: SchedulerConfig, cache: CacheConfig, hydragen: HydragenConfig) -> dict[str, Any]:
+    """The nested configs' fields under the flat names from_kwargs takes (for records and reports)."""
+    parts = {"scheduler": scheduler, "cache": cache, "hydragen": hydragen}
+    return {flat: getattr(parts[part], name) for flat, (part, name) in _FLAT.items()}

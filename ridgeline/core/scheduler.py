@@ -9,7 +9,8 @@ budget). A prompt longer than the budget is therefore prefilled in chunks while 
 flowing (Sarathi-Serve's stall-free batching). When the KV pool runs out, the newest running
 sequence is preempted: its blocks are freed and it is recomputed from its tokens later. A newly
 admitted sequence starts at its longest prefix in the prefix cache (num_computed_tokens jumps
-ahead), the same rule again.
+ahead), the same rule again. These decisions are core.rules, which the simulator's replicas
+(ridgeline.sim) apply to counts.
 
 update_from_output(): advances num_computed_tokens, registers full blocks in the prefix cache,
 forks a request's other samples off its first once the prompt is computed, appends sampled
@@ -27,6 +28,7 @@ from .config import HydragenConfig, SchedulerConfig
 from .kv_blocks import BlockManager
 from .prefix_groups import SharedPrefix, find_shared_prefixes
 from .request import Request, Sequence, SeqStatus
+from .rules import admission, blocks_fit, chunk_tokens, has_seats, make_room, prefix_pending, preemption_victim
 
 # (token id, its logprob, its rank, top ids, top logprobs): one generated or prompt position
 TokenLogprobs = tuple[int, float, int, list[int], list[float]]
@@ -154,13 +156,10 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_pending_tokens, budget)
-            while not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new):
-                victim = self._newest_unscheduled(scheduled)
-                self._preempt(victim)
-                out.num_preempted += 1
-                if victim is seq:
-                    break
+            num_new = chunk_tokens(seq.num_pending_tokens, budget)
+            out.num_preempted += make_room(
+                seq, lambda: self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new),
+                lambda: preemption_victim(self.running, lambda s: s.seq_id in scheduled), self._preempt)
             if seq.status is not SeqStatus.RUNNING:
                 continue
             self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
@@ -217,7 +216,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             width = 1 + len(seq.request.unforked)  # forked samples join the running set with it
-            if len(self.running) + width > self.config.max_num_seqs:
+            if not has_seats(len(self.running), width, self.config.max_num_seqs):
                 break
             # A waiting sequence holds no blocks (new, or preempted and freed).
             # prompt_logprobs need every prompt position's logits: such a request computes its whole prompt.
@@ -226,10 +225,8 @@ class Scheduler:
             if self._prefix_pending(seq, len(hits)):
                 deferred.append(self.waiting.popleft())
                 continue
-            computed = len(hits) * bs
-            num_new = min(seq.num_tokens - computed, budget)
-            need = -(-(computed + num_new) // bs) - len(hits)
-            if need + self.blocks.num_reusable(hits) > self.blocks.allocator.num_free:
+            computed, num_new, need = admission(seq.num_tokens, len(hits), bs, budget)
+            if not blocks_fit(need, self.blocks.num_reusable(hits), self.blocks.allocator.num_free):
                 break
             self.waiting.popleft()
             self.blocks.reuse(seq.block_table, hits, seq.num_prompt_tokens)
@@ -246,11 +243,14 @@ class Scheduler:
     def _prefix_pending(self, seq: Sequence, num_hit_blocks: int) -> bool:
         """True when the first prompt block past the cached prefix is being computed by another
         running sequence."""
-        hashes = seq.block_hashes
-        if not self.blocks.enable_prefix_caching or num_hit_blocks >= len(hashes):
+        if not self.blocks.enable_prefix_caching:
             return False
-        owner = self.pending_prefix.get(hashes[num_hit_blocks])
-        return owner is not None and owner is not seq and owner.status is SeqStatus.RUNNING
+        hashes = seq.block_hashes
+        return prefix_pending(seq, num_hit_blocks, len(hashes), lambda j: self._running_claimer(hashes[j]))
+
+    def _running_claimer(self, block_hash: int) -> Sequence | None:
+        owner = self.pending_prefix.get(block_hash)
+        return owner if owner is not None and owner.status is SeqStatus.RUNNING else None
 
     def _claim_prefix(self, seq: Sequence) -> None:
         """Mark the seq's uncomputed full prompt blocks as being computed by it."""
@@ -263,12 +263,6 @@ class Scheduler:
         for h in seq.block_hashes:
             if self.pending_prefix.get(h) is seq:
                 del self.pending_prefix[h]
-
-    def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
-        for seq in reversed(self.running):
-            if seq.seq_id not in scheduled:
-                return seq
-        raise RuntimeError("KV cache cannot hold the scheduled sequences")  # guarded by engine sizing
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -6,9 +6,10 @@ pools with KV transfer; round-robin, least-loaded or prefix-aware routing; the w
 `ridgeline bench serve`; the bench's metrics plus utilisation, cache hits and preemptions.
 """
 
+from .config import POLICIES, SimConfig
 from .report import format_report, plot_cdfs, records, slo_attainment, summarize
 from .router import ROUTERS, LeastLoaded, PrefixAware, RoundRobin, Router, make_router
-from .simulator import POLICIES, SimConfig, SimResult, Simulator, build_perf_model, simulate
+from .simulator import SimResult, Simulator, build_perf_model, simulate
 from .steptime import StepTimer
 from .workload import Workload, WorkloadSpec, build_workload, synthetic_workload
 

@@ -10,10 +10,11 @@ from datetime import datetime, timezone
 
 from ..bench.client import add_dataset_arguments
 from ..bench.metrics import parse_slos
-from ..hydragen import HydragenConfig
+from ..core.config import MIN_SAVED_TOKENS_CPU_KERNELS, MIN_SAVED_TOKENS_TORCH, HydragenConfig
+from .config import POLICIES, SimConfig
 from .report import format_report, json_ready, plot_cdfs, summarize
 from .router import ROUTERS
-from .simulator import POLICIES, SimConfig, simulate
+from .simulator import simulate
 from .workload import WorkloadSpec, build_workload
 
 _HYDRAGEN = HydragenConfig()  # the engine's defaults
@@ -39,10 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--disable-prefix-caching", action="store_true", help="no prefix-cache hits")
     e.add_argument("--disable-hydragen", action="store_true",
                    help="no shared-prefix (Hydragen) decode attention: every decode reads its whole context")
-    e.add_argument("--hydragen-min-saved-tokens", type=int, default=_HYDRAGEN.min_saved_tokens,
+    e.add_argument("--hydragen-min-saved-tokens", type=int, default=MIN_SAVED_TOKENS_TORCH,
                    help="use a prefix of P tokens shared by g decodes if (g-1)*P >= this "
-                        f"(default: {_HYDRAGEN.min_saved_tokens}, the engine's with PyTorch attention, as on GPUs; "
-                        "the engine with its fused CPU kernels uses 3072)")
+                        f"(default: {MIN_SAVED_TOKENS_TORCH}, the engine's with PyTorch attention, as on GPUs; "
+                        f"the engine with its fused CPU kernels uses {MIN_SAVED_TOKENS_CPU_KERNELS})")
     e.add_argument("--hydragen-min-saved-fraction", type=float, default=_HYDRAGEN.min_saved_fraction,
                    help="and only if the shared prefixes save this fraction of the decodes' full KV blocks "
                         f"(default: {_HYDRAGEN.min_saved_fraction}, as the engine)")
@@ -80,16 +81,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SimConfig, WorkloadSpec]:
-    cfg = SimConfig(model=args.model, hardware=args.hardware, dtype=args.dtype, kv_dtype=args.kv_dtype,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                    enable_prefix_caching=not args.disable_prefix_caching,
-                    enable_hydragen=not args.disable_hydragen,
-                    hydragen_min_saved_tokens=args.hydragen_min_saved_tokens,
-                    hydragen_min_saved_fraction=args.hydragen_min_saved_fraction, max_model_len=args.max_model_len,
-                    replicas=args.replicas, policy=args.policy, prefill_replicas=args.prefill_replicas,
-                    link_bandwidth=args.link_bandwidth, link_latency=args.link_latency, router=args.router,
-                    client_latency=args.client_latency)
+    cfg = SimConfig.from_kwargs(
+        model=args.model, hardware=args.hardware, dtype=args.dtype, kv_dtype=args.kv_dtype,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.disable_prefix_caching, enable_hydragen=not args.disable_hydragen,
+        hydragen_min_saved_tokens=args.hydragen_min_saved_tokens,
+        hydragen_min_saved_fraction=args.hydragen_min_saved_fraction, max_model_len=args.max_model_len,
+        replicas=args.replicas, policy=args.policy, prefill_replicas=args.prefill_replicas,
+        link_bandwidth=args.link_bandwidth, link_latency=args.link_latency, router=args.router,
+        client_latency=args.client_latency)
     spec = WorkloadSpec(**{name: getattr(args, name) for name in WorkloadSpec.__dataclass_fields__})
     return cfg, spec
 
@@ -108,12 +109,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     percentiles = parse_percentiles(args.percentiles)
     slos = parse_slos(args.slo)
     cfg, spec = config_from_args(args)
-    cfg.validate()
     workload = build_workload(spec)
     result = simulate(cfg, workload)
     metrics, summary = summarize(result, slos, percentiles)
     doc = json_ready({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "settings": {**vars(cfg), "num_prefill_replicas": cfg.num_prefill, **vars(spec)},
+                      "settings": {**cfg.settings(), "num_prefill_replicas": cfg.num_prefill, **vars(spec)},
                       **summary})
     if args.json:
         json.dump(doc, sys.stdout, indent=2)

@@ -1,11 +1,11 @@
-"""One simulated engine replica: the scheduler's rules (ridgeline.scheduler) on counts, timed by the perf model.
+"""One simulated engine replica: the engine Scheduler's rules (ridgeline.core.rules) on counts,
+timed by the perf model.
 
-Per step, as `Scheduler.schedule`: running decodes first (one token each), then running
-prefills in admission order (a chunk each, min(pending, budget)), then waiting sequences
-FCFS under max_num_seqs and the token budget, each starting at its longest cached prefix
-and passed over while another running sequence computes its next prefix block. When blocks
-run out, the newest unscheduled running sequence is preempted (recomputed later), and no
-sequence is admitted in that step.
+Per step, in the Scheduler's order: running decodes first (one token each), then running
+prefills in admission order (a chunk each), then waiting sequences FCFS under max_num_seqs and
+the token budget, each starting at its longest cached prefix and passed over while another
+running sequence computes its next prefix block. When blocks run out, the newest unscheduled
+running sequence is preempted (recomputed later), and no sequence is admitted in that step.
 
 Why it is fast: decodes are never held one by one in the step loop. Every running decode
 advances one token per step, so a decode's context is `off + steps` for a fixed offset; the
@@ -14,6 +14,12 @@ many need a new block at a given step) and a heap of finish steps. A step costs 
 chunks + admissions + finishes), and a run of decode-only steps with nothing else changing
 (no arrival, no finish, no block shortage) is timed in one tight loop and applied at once.
 An arrival in the middle of such a run cuts it at the step in progress.
+
+The replica knows nothing of the event loop: what it needs from it goes to its `events` outbox
+as (kind, time, payload), handled in order right after the call that made them:
+STEP_END / START (wake me at time; payload: my version then, a later version voids it),
+FINISHED (payload left the system), PREFILLED (payload's prompt is done: find it a decode
+replica), TRANSFER (blocks for payload's KV are reserved here: start moving it).
 """
 
 from __future__ import annotations
@@ -21,16 +27,14 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
-from ..hydragen import HydragenConfig
+from ..core.config import HydragenConfig, SchedulerConfig
+from ..core.rules import admission, blocks_fit, chunk_tokens, has_seats, make_room, prefix_pending, preemption_victim
 from .cache import BlockPool, Node
 from .hydragen import HydragenIndex, row_signature
 from .steptime import StepTimer
 
-if TYPE_CHECKING:
-    from .simulator import Simulator
-
+STEP_END, START, FINISHED, PREFILLED, TRANSFER = range(5)  # the kinds of `Replica.events`
 WAITING, PREFILL, DECODE, HANDOFF, DONE = range(5)
 IDLE, PENDING, STEP, RUN, HANDLING = range(5)
 
@@ -99,14 +103,6 @@ class Seq:
 
 
 @dataclass
-class EngineLimits:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    hydragen: HydragenConfig | None = None  # None: off (disabled, sliding window, or no prefix caching)
-
-
-@dataclass
 class ReplicaStats:
     steps: int = 0
     busy_s: float = 0.0
@@ -120,15 +116,16 @@ class ReplicaStats:
 
 
 class Replica:
-    def __init__(self, idx: int, role: str, timer: StepTimer, pool: BlockPool, limits: EngineLimits,
-                 sim: "Simulator"):
+    def __init__(self, idx: int, role: str, timer: StepTimer, pool: BlockPool, limits: SchedulerConfig,
+                 hydragen: HydragenConfig | None):
+        """hydragen: the resolved policy; None when off (disabled, sliding window, no prefix caching)."""
         self.idx = idx
         self.role = role
         self.timer = timer
         self.pool = pool
         self.limits = limits
-        self.sim = sim
-        self.bs = limits.block_size
+        self.bs = pool.block_size
+        self.events: deque[tuple] = deque()  # for the event loop: (kind, time, payload)
         self.steps = 0
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []  # admission order, newest last
@@ -157,9 +154,8 @@ class Replica:
         self._run_saved = 0.0  # Hydragen: KV positions the run's steps do not read
         self._run_saved_until = 0
         self._run_parts = 0  # Hydragen: the run's shared-prefix parts while the saving is on
-        hy = limits.hydragen
-        self.hydragen = HydragenIndex(self.bs, hy.min_saved_tokens) if hy is not None else None
-        self.hy_fraction = hy.min_saved_fraction if hy is not None else 0.0
+        self.hydragen = HydragenIndex(self.bs, hydragen.min_saved_tokens) if hydragen is not None else None
+        self.hy_fraction = hydragen.min_saved_fraction if hydragen is not None else 0.0
         # the device saves this share of the reads a part avoids (HardwareSpec.shared_prefix_efficiency)
         self.hy_read_saving = timer.pm.hw.shared_prefix_efficiency
 
@@ -179,22 +175,21 @@ class Replica:
         if self.state == IDLE:
             self.state = PENDING
             self.version += 1
-            self.sim.push_start(t, self)
+            self.events.append((START, t, self.version))
         elif self.state == RUN and t < self._end:
             self._cut(t)
 
-    def on_start(self, t: float) -> None:
-        self.state = HANDLING
-        self._boundary(t)
-
-    def on_step_end(self, t: float) -> None:
+    def end_step(self, t: float) -> None:
+        """The step (or run) in flight ended at t: apply it. The loop then handles the finishes
+        and handoffs it reported before calling boundary(t)."""
         self.state = HANDLING
         self._apply(t)
-        self._boundary(t)
 
     # ------------------------------------------------------------------ scheduling
 
-    def _boundary(self, t: float) -> None:
+    def boundary(self, t: float) -> None:
+        """Schedule the next step at t (or go idle)."""
+        self.state = HANDLING
         if self.ready:
             self._join_ready()
         if self.incoming:
@@ -219,19 +214,24 @@ class Replica:
         if self.prefills:
             # (The engine takes running sequences with one pending token along with the decodes; a
             # running prefill is only ever left with one when none before it has tokens pending,
-            # so admission order is the same order.)
+            # so admission order is the same order.) Every decode is scheduled by now, so the
+            # newest unscheduled running sequence is a prefill.
+            done: set[int] = set()
             for q in list(self.prefills):
                 if budget == 0:
                     break
                 if q.state != PREFILL:
                     continue
-                n = min(q.num_tokens - q.computed, budget)
+                n = chunk_tokens(q.num_tokens - q.computed, budget)
                 need = -(-(q.computed + n) // bs) - (-(-q.computed // bs))
-                # the newest unscheduled running sequence
-                preempted += self._make_room(q, need, s, lambda: self.prefills[-1])
-                if q.state != PREFILL:
-                    continue
+                if need > pool.available:
+                    preempted += make_room(q, lambda: need <= pool.available,
+                                           lambda: preemption_victim(self.prefills, lambda v: v.rid in done),
+                                           lambda v: self._preempt(v, s))
+                    if q.state != PREFILL:
+                        continue
                 pool.allocate(need)
+                done.add(q.rid)
                 sched.append((q, n))
                 budget -= n
         if not preempted and self.waiting and budget > 0:
@@ -265,7 +265,7 @@ class Replica:
             self.state = STEP
         else:
             self._start_run(t, s, B, float(ctx + B), need0)
-        self.sim.push_step_end(self._end, self)
+        self.events.append((STEP_END, self._end, self.version))
 
     def _start_run(self, t: float, s: int, B: int, x0: float, need0: int) -> None:
         """Decode-only steps until the next finish or block shortage (an arrival cuts it short)."""
@@ -291,7 +291,7 @@ class Replica:
         if k < self._run_k:
             self._run_k, self._end, self._run_used = k, end, used
             self.version += 1
-            self.sim.push_step_end(end, self)
+            self.events.append((STEP_END, end, self.version))
 
     # ------------------------------------------------------------------ Hydragen
 
@@ -372,14 +372,14 @@ class Replica:
     # ------------------------------------------------------------------ admission
 
     def _admit(self, budget: int, sched: list[tuple[Seq, int]]) -> None:
-        """FCFS admission, as Scheduler._admit."""
+        """FCFS admission by the Scheduler's rules; a decode replica's reserved seats count as running."""
         lim, pool, bs = self.limits, self.pool, self.bs
         waiting = self.waiting
         deferred: list[Seq] = []
         caching = pool.enable_prefix_caching
         while waiting and budget > 0:
             q = waiting[0]
-            if len(self.running) + self.reserved + 1 > lim.max_num_seqs:
+            if not has_seats(len(self.running) + self.reserved, 1, lim.max_num_seqs):
                 break
             if caching and (q.chain or q.self_node is not None):
                 h, hit, pending = self._lookup(q)
@@ -389,10 +389,8 @@ class Replica:
                 reusable = sum(min(nd.cached, h - nd.start) for nd in hit if nd.refs == 0)
             else:
                 h, hit, reusable = 0, (), 0
-            computed = h * bs
-            n = min(q.num_tokens - computed, budget)
-            need = -(-(computed + n) // bs) - h
-            if need + reusable > pool.available:
+            computed, n, need = admission(q.num_tokens, h, bs, budget)
+            if not blocks_fit(need, reusable, pool.available):
                 break
             waiting.popleft()
             for nd in hit:
@@ -443,25 +441,26 @@ class Replica:
         if h > cap:
             h = cap
             hit = [nd for nd in hit if nd.start < h]
-        pending = False
-        if h < cap:
-            prev = 0
-            for key, length in q.chain:
-                end = length // bs
-                if prev <= h < end:
-                    nd = nodes.get(key)
-                    if nd is not None and nd.claims:
-                        for owner, lo, hi in nd.claims:
-                            if lo <= h < hi:
-                                pending = owner is not q
-                                break
-                    break
-                prev = max(prev, end)
-        return h, hit, pending
+        return h, hit, prefix_pending(q, h, cap, lambda j: self._claimer(q.chain, j))
+
+    def _claimer(self, chain: tuple, j: int) -> Seq | None:
+        """The running sequence that claimed block j of the chain's prefixes, if any."""
+        bs, prev = self.bs, 0
+        for key, length in chain:
+            end = length // bs
+            if prev <= j < end:
+                nd = self.pool.nodes.get(key)
+                if nd is not None and nd.claims:
+                    for owner, lo, hi in nd.claims:
+                        if lo <= j < hi:
+                            return owner
+                return None
+            prev = max(prev, end)
+        return None
 
     def _claim(self, q: Seq, h: int) -> None:
-        """Mark the prefix blocks q will compute, so requests sharing them wait instead of duplicating.
-        As Scheduler._claim_prefix: the blocks from h up to the (num_tokens - 1) // block_size its
+        """Mark the prefix blocks q will compute, so requests sharing them wait instead of duplicating:
+        the engine's claims on counts, the blocks from h up to the (num_tokens - 1) // block_size its
         lookup hashed (a prompt's last block only once it is full and computed), each block keeping
         an earlier running claimer; claims last until q leaves or is preempted."""
         bs, pool = self.bs, self.pool
@@ -494,8 +493,8 @@ class Replica:
         q.claims = []
 
     def _register(self, q: Seq) -> None:
-        """Full prompt blocks just computed become findable prefix-cache blocks, block by block as
-        BlockManager.cache_full_blocks: a block whose content is cached already (another sequence
+        """Full prompt blocks just computed become findable prefix-cache blocks, the engine's
+        registration on counts: a block whose content is cached already (another sequence
         registered it first) stays q's private copy, and the blocks after it are still registered."""
         bs, pool = self.bs, self.pool
         full = q.computed // bs
@@ -546,25 +545,15 @@ class Replica:
             if q.state != DECODE:
                 continue
             need = 1 if (q.off + s) % bs == 0 else 0
-            preempted += self._make_room(
-                q, need, s, lambda: next(v for v in reversed(self.running) if v.rid not in scheduled))
-            if q.state != DECODE:
-                continue
+            if need > pool.available:
+                preempted += make_room(q, lambda: need <= pool.available,
+                                       lambda: preemption_victim(self.running, lambda v: v.rid in scheduled),
+                                       lambda v: self._preempt(v, s))
+                if q.state != DECODE:
+                    continue
             pool.allocate(need)
             scheduled.add(q.rid)
         return preempted
-
-    def _make_room(self, q: Seq, need: int, s: int, newest: Callable[[], Seq]) -> int:
-        """Preempt newest() until `need` blocks are free or q itself was preempted (the
-        scheduler's loop); returns how many were preempted."""
-        count = 0
-        while need > self.pool.available:
-            victim = newest()
-            self._preempt(victim, s)
-            count += 1
-            if victim is q:
-                break
-        return count
 
     def _preempt(self, q: Seq, s: int) -> None:
         """Free the sequence's blocks (its full ones stay cached, evictable) and requeue it first."""
@@ -681,7 +670,7 @@ class Replica:
                     self.running.remove(q)
                     q.state = HANDOFF
                     self.load -= 1
-                    self.sim.handoff(q, self, t)
+                    self.events.append((PREFILLED, t, q))
                 else:
                     self._add_decode(q, last + 1)
         self._sched = []
@@ -711,7 +700,7 @@ class Replica:
         q.state = DONE
         q.finish = t
         self.load -= 1
-        self.sim.finished(q, t)
+        self.events.append((FINISHED, t, q))
 
     # ------------------------------------------------------------------ disaggregation
 
@@ -719,21 +708,27 @@ class Replica:
         """The KV of a prefilled sequence has left for its decode replica."""
         self._free(q, q.computed, "sent")
 
+    def expect(self, q: Seq, t: float) -> None:
+        """q, prefilled on another replica, is assigned here: it waits for room for its KV."""
+        self.load += 1
+        self.incoming.append(q)
+        self.wake(t)
+
     def _reserve_incoming(self, t: float) -> None:
         """Take prefilled sequences FCFS while their KV fits and max_num_seqs allows; each
         reservation starts its transfer."""
         pool, lim = self.pool, self.limits
         while self.incoming:
             q = self.incoming[0]
-            if len(self.running) + self.reserved + 1 > lim.max_num_seqs:
+            if not has_seats(len(self.running) + self.reserved, 1, lim.max_num_seqs):
                 break
             need = -(-q.computed // self.bs)
-            if need > pool.available:
+            if not blocks_fit(need, 0, pool.available):
                 break
             self.incoming.popleft()
             pool.allocate(need)
             self.reserved += 1
-            self.sim.start_transfer(q, self, t)
+            self.events.append((TRANSFER, t, q))
 
     def _join_ready(self) -> None:
         for q in self.ready:
