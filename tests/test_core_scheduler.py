@@ -160,9 +160,6 @@ def test_admission_counts_every_sample_of_a_request():
     assert list(sched.waiting) == [r2.seqs[0], r3.seqs[0]]
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug: admission counts the running set's sequences "
-                   "but not the unforked samples of requests already admitted, so two n>1 "
-                   "requests admitted in one step overfill max_num_seqs once they fork")
 def test_admission_counts_unforked_samples_of_admitted_requests():
     sched = make_scheduler(max_num_seqs=4)
     add(sched, prompt(4), n=3)

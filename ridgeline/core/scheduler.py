@@ -213,10 +213,12 @@ class Scheduler:
         so requests sharing a prefix compute it once."""
         bs = self.blocks.block_size
         deferred: list[Sequence] = []
+        # seats of the running set: its sequences and the samples still to fork off them
+        seats = len(self.running) + sum(len(s.request.unforked) for s in self.running if s.index == 0)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             width = 1 + len(seq.request.unforked)  # forked samples join the running set with it
-            if not has_seats(len(self.running), width, self.config.max_num_seqs):
+            if not has_seats(seats, width, self.config.max_num_seqs):
                 break
             # A waiting sequence holds no blocks (new, or preempted and freed).
             # prompt_logprobs need every prompt position's logits: such a request computes its whole prompt.
@@ -235,6 +237,7 @@ class Scheduler:
             self._claim_prefix(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            seats += width
             scheduled.add(seq.seq_id)
             out.seqs.append(self._scheduled(seq, num_new))
             budget -= num_new
