@@ -31,6 +31,9 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .core.spec_policy import SpecPolicy
+from .spec_decode.draft import DraftModel
+from .spec_decode.ngram import NgramProposer
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("ridgeline")
@@ -121,14 +124,52 @@ class LLMEngine:
         # Hydragen's grouping is skipped for sliding-window models (a window cuts the shared prefix)
         hydragen = config.hydragen.resolve(model.attention_kernels) if mc.sliding_window is None else None
         self.hydragen = hydragen  # the shared-prefix policy in force (None: off)
-        self._scheduler = Scheduler(config.scheduler, self._blocks, self.max_model_len, eos_ids, hydragen)
-        self.runner = ModelRunner(model, kv, self.device, mc.sliding_window, eos_ids)
+        spec = config.speculative
+        proposer, policy, lookahead = None, None, 0
+        if spec.method == "ngram":
+            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        elif spec.method == "draft":
+            with _out_of_memory("loading the draft model", "use a smaller draft model or lower kv_cache_memory"):
+                proposer = DraftModel(spec.model, self.dtype, self.device, num_blocks, bs, self.tokenizer,
+                                      mc.vocab_size, config.cpu_kernels, config.quant_activation_bytes)
+            lookahead = spec.num_speculative_tokens
+        if proposer is not None:
+            policy = SpecPolicy(spec.num_speculative_tokens,
+                                self._spec_step_time(model) if spec.adaptive else None,
+                                _weight_bytes(proposer.path) / _weight_bytes(self.model_path)
+                                if isinstance(proposer, DraftModel) else 0.0)
+        self.spec_policy = policy
+        self._scheduler = Scheduler(config.scheduler, self._blocks, self.max_model_len, eos_ids, hydragen,
+                                    policy, lookahead)
+        self.runner = ModelRunner(model, kv, self.device, mc.sliding_window, eos_ids, proposer)
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs)
         self.outputs = OutputProcessor(self.tokenizer)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def _spec_step_time(self, model: Transformer):
+        """The target's step time from the performance model on this machine's probed spec (probed
+        now, about 2 s, and saved, if there is none yet)."""
+        from .loader import stored_weight_format
+        from .perf import HardwareSpecError, PerfModel, SeqWork, StepShape, load_spec, save_spec
+        from .perf.hardware import local_spec_name
+        from .perf.probe import probe
+
+        try:
+            hw = load_spec("local")
+        except HardwareSpecError:
+            log.info("speculative: probing this machine for the performance model (once, a few seconds)")
+            hw = probe(local_spec_name(), self.device.type)
+            save_spec(hw)
+        dtype = str(self.dtype).removeprefix("torch.")
+        quant = self.config.quantization
+        weights = quant if quant not in ("auto", "none") else None
+        if quant == "auto" and self.device.type == "cpu":
+            weights = stored_weight_format(self.model_path)
+        pm = PerfModel(self.model_config, hw, dtype, weights or dtype, block_size=self.block_size)
+        return lambda batch, context, new: pm.step_time(StepShape([SeqWork(new, context)] * batch))
 
     @property
     def model(self) -> Transformer:
@@ -182,7 +223,9 @@ class LLMEngine:
             num_steps=sched.num_steps, num_preemptions=sched.num_preemptions,
             prompt_tokens=sched.num_prompt_tokens, generation_tokens=sched.num_generation_tokens,
             prefix_cache_queries=self._blocks.num_cache_queries, prefix_cache_hits=self._blocks.num_cache_hits,
-            hydragen_steps=sched.num_hydragen_steps,
+            hydragen_steps=sched.num_hydragen_steps, spec_decode_num_drafts=sched.num_spec_drafts,
+            spec_decode_num_draft_tokens=sched.num_spec_draft_tokens,
+            spec_decode_num_accepted_tokens=sched.num_spec_accepted_tokens,
             num_requests=len(self._requests), num_requests_running=running,
             num_requests_waiting=len(self._requests) - running,
             num_seqs_running=sched.num_running, num_seqs_waiting=sched.num_waiting,
@@ -197,9 +240,21 @@ class LLMEngine:
             return []
         updates = self._scheduler.update_from_output(out, result)
         for hit in self.outputs.process(updates):
+            if hit.num_dropped:  # a stop string inside a speculative step's tokens: cut there
+                del hit.seq.token_ids[-hit.num_dropped:]
             self._scheduler.finish_seq(hit.seq, "stop", hit.stop_string)
         touched = list({id(u.seq.request): u.seq.request for u in updates}.values())
         for req in touched:
             if req.finished:
                 self._requests.pop(req.request_id, None)
         return self.outputs.make_outputs(touched)
+
+
+def _weight_bytes(path) -> int:
+    """A checkpoint's size on disk: a GGUF file, or a directory's safetensors."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) or 1

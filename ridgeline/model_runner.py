@@ -2,8 +2,9 @@
 
 It turns the scheduler's plain data into tensors (the flat batch of new tokens, their
 positions, the attention metadata), copies the blocks of forked samples, runs the model once,
-samples every row that caught up with its sequence and computes prompt logprobs, and returns
-plain results (core.scheduler.ModelRunnerOutput). It never changes scheduling state.
+samples every row that caught up with its sequence (verifying speculative proposals, where a
+sequence brought some), computes prompt logprobs, proposes the next step's tokens when asked,
+and returns plain results (core.scheduler.ModelRunnerOutput). It never changes scheduling state.
 """
 
 from __future__ import annotations
@@ -11,23 +12,31 @@ from __future__ import annotations
 import torch
 
 from .attention import build_metadata
-from .core.scheduler import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from .core.request import Sequence
+from .core.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprobs
 from .kv_cache import KVCachePool
 from .model import Transformer
-from .sampler import sample
+from .sampler import SampleRow, sample
+from .spec_decode.draft import DraftModel
+from .spec_decode.ngram import NgramProposer
+from .spec_decode.verify import SpecRows, verify
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: KVCachePool, device: torch.device, sliding_window: int | None,
-                 eos_token_ids: list[int]):
+                 eos_token_ids: list[int], proposer: NgramProposer | DraftModel | None = None):
         self.model = model
         self.kv = kv
         self.device = device
         self.sliding_window = sliding_window
         self.eos_token_ids = list(eos_token_ids)
+        self.proposer = proposer  # speculative decoding; None: off
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its sampling generator
+        self._draft_q: dict[int, torch.Tensor] = {}  # seq_id -> the draft's probabilities of its proposals
 
-    def _generator(self, seq) -> torch.Generator:
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.greedy:
+            return None
         gen = self._generators.get(seq.seq_id)
         if gen is None:
             gen = self._generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seq.seed)
@@ -36,8 +45,13 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for seq_id in out.finished_seq_ids:
             self._generators.pop(seq_id, None)
+            self._draft_q.pop(seq_id, None)
+            if self.proposer is not None:
+                self.proposer.forget(seq_id)
         for src, dst in out.blocks_to_copy:
             self.kv.copy_block(src, dst)
+            if isinstance(self.proposer, DraftModel):
+                self.proposer.kv.copy_block(src, dst)
         result = ModelRunnerOutput()
         if not out.seqs:
             return result
@@ -46,17 +60,22 @@ class ModelRunner:
         positions: list[int] = []
         logit_rows: list[int] = []
         samples = []  # (sequence, index into logit_rows)
+        spec = []  # (scheduled item, index of its first row in logit_rows)
         prompt_lp = []  # (sequence, first index into logit_rows, first position, count)
         row = 0
         for item in out.seqs:
             seq, start, n = item.seq, item.start, item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
+            tokens = seq.token_ids + item.spec_token_ids if item.spec_token_ids else seq.token_ids
+            input_ids.extend(tokens[start:start + n])
             positions.extend(range(start, start + n))
             if item.prompt_logprobs is not None:
                 first, last = item.prompt_logprobs
                 prompt_lp.append((seq, len(logit_rows), first, last - first))
                 logit_rows.extend(range(row + first - start, row + last - start))
-            if item.sample:
+            if item.spec_token_ids:
+                spec.append((item, len(logit_rows)))
+                logit_rows.extend(range(row, row + n))
+            elif item.sample:
                 samples.append((seq, len(logit_rows)))
                 logit_rows.append(row + n - 1)
             row += n
@@ -71,23 +90,70 @@ class ModelRunner:
                               [s.num_new_tokens for s in out.seqs], bs, self.sliding_window, self.device,
                               dtype=self.model.dtype, shared=shared)
         dev = self.device
-        logits = self.model.forward(
-            torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta, self.kv,
-            torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        ids_t, pos_t = torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev)
+        logits = self.model.forward(ids_t, pos_t, meta, self.kv, torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        if isinstance(self.proposer, DraftModel):
+            self.proposer.run_step(ids_t, pos_t, meta)
 
         for seq, first_row, first_pos, count in prompt_lp:
             result.prompt_logprobs[seq.seq_id] = self._prompt_logprobs(
                 seq, logits[first_row:first_row + count], first_pos + 1)
         if samples:
-            rows = torch.tensor([r for _, r in samples], device=dev)
             seqs = [s for s, _ in samples]
-            sampled = sample(logits[rows], seqs, [self._generator(s) if not s.params.greedy else None
-                                                  for s in seqs], self.eos_token_ids)
+            rows = [SampleRow(s.params, s.token_ids, s.num_prompt_tokens, self._generator(s)) for s in seqs]
+            sampled = sample(logits[torch.tensor([r for _, r in samples], device=dev)], rows, self.eos_token_ids)
             for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[seq.seq_id] = [tok]
                 if lp is not None:
                     result.logprobs[seq.seq_id] = [(tok, *lp)]
+        if spec:
+            self._verify(logits, spec, result)
+        if out.num_spec_tokens and self.proposer is not None:
+            self._propose(out, result)
         return result
+
+    def _verify(self, logits: torch.Tensor, spec: list[tuple[ScheduledSeq, int]], result: ModelRunnerOutput) -> None:
+        rows, groups, index = [], [], []
+        for item, first in spec:
+            seq, gen = item.seq, self._generator(item.seq)
+            context = seq.token_ids + item.spec_token_ids
+            # row j predicts the token after the j-th proposal: its context ends there
+            rows += [SampleRow(seq.params, context[:seq.num_tokens + j], seq.num_prompt_tokens, gen)
+                     for j in range(len(item.spec_token_ids) + 1)]
+            q = self._draft_q.pop(seq.seq_id, None)
+            groups.append(SpecRows(len(index), item.spec_token_ids,
+                                   q[:len(item.spec_token_ids)] if q is not None else None))
+            index += range(first, first + len(item.spec_token_ids) + 1)
+        verified = verify(logits[torch.tensor(index, device=logits.device)], rows, groups, self.eos_token_ids)
+        for (item, _), v in zip(spec, verified):
+            result.sampled[item.seq.seq_id] = v.token_ids
+            if v.logprobs is not None:
+                result.logprobs[item.seq.seq_id] = [(t, *lp) for t, lp in zip(v.token_ids, v.logprobs)]
+
+    def _propose(self, out: SchedulerOutput, result: ModelRunnerOutput) -> None:
+        """Proposals for the next step of every sequence that sampled (its context: the tokens so
+        far and those just emitted). Forked samples start proposing after their first decode."""
+        k = out.num_spec_tokens
+        items = [item for item in out.seqs if item.sample and item.seq.seq_id in result.sampled]
+        if isinstance(self.proposer, NgramProposer):
+            for item in items:
+                seq = item.seq
+                proposal = self.proposer.propose(seq.seq_id, seq.token_ids + result.sampled[seq.seq_id], k)
+                if proposal:
+                    result.spec_token_ids[seq.seq_id] = proposal
+            return
+        rows, ids, seeds, tables = [], [], [], []
+        for item in items:
+            seq = item.seq
+            rows.append(SampleRow(seq.params, seq.token_ids + result.sampled[seq.seq_id], seq.num_prompt_tokens))
+            ids.append(seq.seq_id)
+            seeds.append(seq.seed)
+            tables.append(seq.block_table)
+        for seq_id, (proposal, q) in zip(ids, self.proposer.propose(rows, ids, seeds, tables, k, self.eos_token_ids)):
+            if proposal:
+                result.spec_token_ids[seq_id] = proposal
+                if q is not None:
+                    self._draft_q[seq_id] = q
 
     @staticmethod
     def _prompt_logprobs(seq, logits: torch.Tensor, pos0: int) -> list[TokenLogprobs]:

@@ -37,6 +37,7 @@ class RequestText:
 class StopHit:
     seq: Sequence
     stop_string: str
+    num_dropped: int  # new tokens after the one completing the stop string (speculative steps)
 
 
 class OutputProcessor:
@@ -72,7 +73,7 @@ class OutputProcessor:
                     sample.logprobs.append(self._entry(upd.logprobs[j]))
                 stop = self._append_text(upd.seq, sample, sample.detokenizer.step(token))
                 if stop is not None:
-                    hits.append(StopHit(upd.seq, stop))
+                    hits.append(StopHit(upd.seq, stop, len(upd.new_token_ids) - j - 1))
                     break
         return hits
 

@@ -120,6 +120,48 @@ class HydragenConfig:
         return HydragenConfig(self.min_saved_tokens or default, self.min_saved_fraction)
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (off when method is None): 'ngram' proposes by prompt lookup, 'draft'
+    runs the `model` checkpoint (same vocabulary as the target) as a draft. Up to
+    num_speculative_tokens are proposed per sequence and step; with `adaptive` the number is
+    chosen each step from the performance model and the measured acceptance rate (0 where
+    speculation would not pay), else it is always the maximum."""
+    method: str | None = None
+    model: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1  # n-gram sizes tried, longest first
+    prompt_lookup_max: int = 4
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)} "
+                             f"(or a draft model's path), got {self.method!r}")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method 'draft' needs the draft model's path (speculative=PATH)")
+        _integer("num_speculative_tokens", self.num_speculative_tokens, 1)
+        _integer("prompt_lookup_min", self.prompt_lookup_min, 1)
+        _integer("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
+        _flag("speculative_adaptive", self.adaptive)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+    @staticmethod
+    def method_of(value: str | None) -> dict[str, Any]:
+        """`speculative=` as LLM(...) and --speculative take it: 'ngram', a draft model's path, or None."""
+        if value is None or value == "ngram":
+            return {"method": value}
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"speculative must be 'ngram' or a draft model's path, got {value!r}")
+        return {"method": "draft", "model": value}
+
+
 @dataclass
 class EngineConfig:
     """Everything LLMEngine is built from. `EngineConfig.from_kwargs` takes the flat names the
@@ -144,6 +186,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     hydragen: HydragenConfig = field(default_factory=HydragenConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, str) or self.dtype not in DTYPE_NAMES:
@@ -163,7 +206,7 @@ class EngineConfig:
     def flat_names(cls) -> list[str]:
         """Every name from_kwargs accepts."""
         top = [f.name for f in fields(cls) if f.name not in _NESTED]
-        return top + list(_FLAT)
+        return top + ["speculative"] + list(_FLAT)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -175,15 +218,27 @@ class EngineConfig:
         nested: dict[str, dict[str, Any]] = {name: {} for name in _NESTED}
         top = {}
         for key, value in kwargs.items():
-            if key in _FLAT:
+            if key == "speculative":
+                if isinstance(value, SpeculativeConfig):
+                    top[key] = value
+                else:
+                    nested["speculative"].update(SpeculativeConfig.method_of(value))
+            elif key in _FLAT:
                 part, name = _FLAT[key]
                 nested[part][name] = value
             else:
                 top[key] = value
-        return cls(**top, **{part: _NESTED[part](**values) for part, values in nested.items()})
+        for part, values in nested.items():
+            if part in top:  # a whole SpeculativeConfig given
+                if values:
+                    raise TypeError(f"give {', '.join(values)} inside the {part} config, not beside it")
+                continue
+            top[part] = _NESTED[part](**values)
+        return cls(**top)
 
 
-_NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "hydragen": HydragenConfig}
+_NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "hydragen": HydragenConfig,
+           "speculative": SpeculativeConfig}
 # flat option name -> (nested config, field)
 _FLAT = {
     "max_num_seqs": ("scheduler", "max_num_seqs"),
@@ -195,10 +250,14 @@ _FLAT = {
     "enable_hydragen": ("hydragen", "enabled"),
     "hydragen_min_saved_tokens": ("hydragen", "min_saved_tokens"),
     "hydragen_min_saved_fraction": ("hydragen", "min_saved_fraction"),
+    "num_speculative_tokens": ("speculative", "num_speculative_tokens"),
+    "prompt_lookup_min": ("speculative", "prompt_lookup_min"),
+    "prompt_lookup_max": ("speculative", "prompt_lookup_max"),
+    "speculative_adaptive": ("speculative", "adaptive"),
 }
 
 
 def flat_options(scheduler: SchedulerConfig, cache: CacheConfig, hydragen: HydragenConfig) -> dict[str, Any]:
     """The nested configs' fields under the flat names from_kwargs takes (for records and reports)."""
     parts = {"scheduler": scheduler, "cache": cache, "hydragen": hydragen}
-    return {flat: getattr(parts[part], name) for flat, (part, name) in _FLAT.items()}
+    return {flat: getattr(parts[part], name) for flat, (part, name) in _FLAT.items() if part in parts}

@@ -110,6 +110,13 @@ class BlockManager:
         for _ in range(self.blocks_needed(block_table, num_tokens)):
             block_table.append(self.allocator.allocate())
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Release the blocks past the first that cover num_tokens positions (a speculative step's
+        rejected tokens, or its draft model's lookahead, ended in them)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(block_table) > keep:
+            self.allocator.release(block_table.pop())
+
     def free(self, block_table: list[int]) -> None:
         # Tail blocks first, so the LRU evicts a prefix's deeper blocks before its head.
         for block in reversed(block_table):

@@ -38,6 +38,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash chain of full blocks
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
+    # speculative decoding: tokens proposed after token_ids, verified in the next step
+    spec_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     num_preemptions: int = 0

@@ -28,6 +28,7 @@ from .config import HydragenConfig, SchedulerConfig
 from .kv_blocks import BlockManager
 from .prefix_groups import SharedPrefix, find_shared_prefixes
 from .request import Request, Sequence, SeqStatus
+from .spec_policy import SpecPolicy
 from .rules import admission, blocks_fit, chunk_tokens, has_seats, make_room, prefix_pending, preemption_victim
 
 # (token id, its logprob, its rank, top ids, top logprobs): one generated or prompt position
@@ -46,6 +47,9 @@ class ScheduledSeq:
     fork_candidates: list[Sequence] = field(default_factory=list)
     # prompt positions [first, last) whose rows give the next prompt token's logprob
     prompt_logprobs: tuple[int, int] | None = None
+    # speculative decoding: the proposals verified in this step, after the sequence's last token
+    # (num_new_tokens = 1 + len(spec_token_ids), each row checking the next proposal)
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SchedulerOutput:
     own_start_blocks: list[int] = field(default_factory=list)  # per decode row: first block not shared
     finished_seq_ids: list[int] = field(default_factory=list)  # since the last output: the runner drops them
     num_preempted: int = 0
+    num_spec_tokens: int = 0  # speculative decoding: tokens to propose for each sampled sequence
 
     @property
     def num_decode_rows(self) -> int:
@@ -77,6 +82,7 @@ class ModelRunnerOutput:
     sampled: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> new token ids
     logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per new token
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per position
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> proposals for the next step
 
 
 @dataclass
@@ -90,12 +96,16 @@ class SeqUpdate:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 eos_token_ids: list[int], hydragen: HydragenConfig | None = None):
+                 eos_token_ids: list[int], hydragen: HydragenConfig | None = None,
+                 spec_policy: SpecPolicy | None = None, num_lookahead_tokens: int = 0):
         self.config = config
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids)
         self.hydragen = hydragen  # the resolved policy; None: off (or a sliding-window model)
+        self.spec_policy = spec_policy  # None: no speculative decoding
+        # KV positions a draft model writes past a sampled sequence's step while it proposes
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.pending_prefix: dict[int, Sequence] = {}  # block hash -> running sequence computing that block
@@ -106,6 +116,9 @@ class Scheduler:
         self.num_generation_tokens = 0
         self.num_steps = 0
         self.num_hydragen_steps = 0
+        self.num_spec_drafts = 0  # speculative rows verified
+        self.num_spec_draft_tokens = 0  # proposals verified
+        self.num_spec_accepted_tokens = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -156,15 +169,18 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = chunk_tokens(seq.num_pending_tokens, budget)
+            spec = self._spec_tokens(seq)
+            num_new = chunk_tokens(seq.num_pending_tokens + len(spec), budget)
+            spec = spec[:max(0, num_new - seq.num_pending_tokens)]
+            need = seq.num_computed_tokens + num_new + self._lookahead(seq, num_new, spec)
             out.num_preempted += make_room(
-                seq, lambda: self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + num_new),
+                seq, lambda: self.blocks.can_allocate(seq.block_table, need),
                 lambda: preemption_victim(self.running, lambda s: s.seq_id in scheduled), self._preempt)
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            self.blocks.allocate(seq.block_table, need)
             scheduled.add(seq.seq_id)
-            out.seqs.append(self._scheduled(seq, num_new))
+            out.seqs.append(self._scheduled(seq, num_new, spec))
             budget -= num_new
 
         # Admit waiting sequences only when nothing was preempted: they would just thrash.
@@ -182,11 +198,34 @@ class Scheduler:
             self.num_steps += 1
             if out.shared_prefixes:
                 self.num_hydragen_steps += 1
+            if self.spec_policy is not None:
+                sampled = [s for s in out.seqs if s.sample]
+                if sampled:
+                    context = sum(s.start + s.num_new_tokens for s in sampled) // len(sampled)
+                    out.num_spec_tokens = self.spec_policy.choose(len(sampled), context)
         return out
 
-    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _spec_tokens(self, seq: Sequence) -> list[int]:
+        """The proposals a decoding sequence verifies this step: all it has, within what max_tokens
+        and max_model_len leave (the step yields one token more than it verifies)."""
+        if not seq.spec_token_ids or seq.num_pending_tokens != 1:
+            return []
+        room = self.max_model_len - seq.num_tokens - 1
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return seq.spec_token_ids[:max(0, room)]
+
+    def _lookahead(self, seq: Sequence, num_new: int, spec: list[int]) -> int:
+        """KV positions a draft model writes past the step while proposing for seq (sampling ones only)."""
+        if not self.num_lookahead_tokens or seq.num_computed_tokens + num_new < seq.num_tokens + len(spec):
+            return 0
+        return max(0, min(self.num_lookahead_tokens, self.max_model_len - seq.num_computed_tokens - num_new))
+
+    def _scheduled(self, seq: Sequence, num_new: int, spec: list[int] | None = None) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        item = ScheduledSeq(seq, start, num_new, sample=start + num_new == seq.num_tokens)
+        spec = spec or []
+        item = ScheduledSeq(seq, start, num_new, sample=start + num_new == seq.num_tokens + len(spec),
+                            spec_token_ids=list(spec))
         req = seq.request
         if item.sample and seq.index == 0:
             item.fork_candidates = list(req.unforked)
@@ -228,12 +267,16 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             computed, num_new, need = admission(seq.num_tokens, len(hits), bs, budget)
+            lookahead = 0
+            if self.num_lookahead_tokens and computed + num_new == seq.num_tokens:
+                lookahead = max(0, min(self.num_lookahead_tokens, self.max_model_len - seq.num_tokens))
+                need = -(-(computed + num_new + lookahead) // bs) - len(hits)
             if not blocks_fit(need, self.blocks.num_reusable(hits), self.blocks.allocator.num_free):
                 break
             self.waiting.popleft()
             self.blocks.reuse(seq.block_table, hits, seq.num_prompt_tokens)
             seq.num_computed_tokens = computed
-            self.blocks.allocate(seq.block_table, computed + num_new)
+            self.blocks.allocate(seq.block_table, computed + num_new + lookahead)
             self._claim_prefix(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -281,47 +324,80 @@ class Scheduler:
     # ------------------------------------------------------------------ update
 
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[SeqUpdate]:
-        """Apply a step's results: computed tokens, prefix-cache registration, forks, new tokens and
-        the stop conditions that need no text. Returns what changed, per sequence."""
+        """Apply a step's results: new tokens and the stop conditions that need no text, computed
+        tokens (less rejected proposals), prefix-cache registration, forks, and the proposals for
+        the next step. Finishing waits until the forks are done (a sample forks from a parent that
+        stops at its first token). Returns what changed, per sequence."""
         bm = self.blocks
         updates: list[SeqUpdate] = []
-        for item in out.seqs:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens <= seq.num_prompt_tokens:
-                self.num_prompt_tokens += item.num_new_tokens
-            seq.num_cached_blocks = bm.cache_full_blocks(seq.token_ids, seq.block_hashes, seq.block_table,
-                                                         seq.num_computed_tokens, seq.num_cached_blocks)
-        forked: list[Sequence] = []
-        for item in out.seqs:
-            if item.fork_candidates:
-                forked += self._fork(item.seq, item.fork_candidates)
+        finishing: list[tuple[Sequence, str, int | str | None]] = []
         now = time.monotonic()
+        proposed = accepted = 0
         for item in out.seqs:
             seq = item.seq
             prompt_lp = result.prompt_logprobs.get(seq.seq_id)
             if prompt_lp is not None:
                 seq.request.num_prompt_logprobs = item.prompt_logprobs[1] + 1
+            upd = SeqUpdate(seq, [], None, prompt_lp)
+            if item.sample:
+                self._append(upd, result, finishing, now)
+            rejected = 0
+            if item.spec_token_ids:
+                # a proposal is accepted when the token sampled at its position is the proposal itself
+                spec, sampled = item.spec_token_ids, result.sampled.get(seq.seq_id, [])
+                ok = _num_matching(spec, sampled)
+                proposed, accepted = proposed + len(spec), accepted + ok
+                self.num_spec_drafts += 1
+                # rejected proposals' KV slots are rewritten later (a stop may cut the kept ones short)
+                rejected = len(spec) - _num_matching(spec, upd.new_token_ids)
+            seq.num_computed_tokens += item.num_new_tokens - rejected
+            if seq.num_computed_tokens <= seq.num_prompt_tokens:
+                self.num_prompt_tokens += item.num_new_tokens
+            seq.num_cached_blocks = bm.cache_full_blocks(seq.token_ids, seq.block_hashes, seq.block_table,
+                                                         seq.num_computed_tokens, seq.num_cached_blocks)
             if item.sample or prompt_lp is not None:
-                updates.append(SeqUpdate(seq, [], None, prompt_lp))
-        updates += [SeqUpdate(child, []) for child in forked]
-        for upd in updates:
-            seq = upd.seq
-            tokens = result.sampled.get(seq.seq_id)
-            if not tokens:
-                continue
-            lps = result.logprobs.get(seq.seq_id)
-            for j, token in enumerate(tokens):
-                seq.token_ids.append(token)
-                upd.new_token_ids.append(token)
-                if lps is not None:
-                    upd.logprobs = (upd.logprobs or []) + [lps[j]]
-                self.num_generation_tokens += 1
-                if self._check_stop(seq, token):
-                    break
-            if seq.request.first_token_time is None:
-                seq.request.first_token_time = now
+                updates.append(upd)
+        for item in out.seqs:
+            if item.fork_candidates:
+                for child in self._fork(item.seq, item.fork_candidates):
+                    upd = SeqUpdate(child, [])
+                    self._append(upd, result, finishing, now)
+                    updates.append(upd)
+        for seq, reason, stop_reason in finishing:
+            self.finish_seq(seq, reason, stop_reason)
+        self.num_spec_draft_tokens += proposed
+        self.num_spec_accepted_tokens += accepted
+        if self.spec_policy is not None:
+            self.spec_policy.observe(proposed, accepted)
+            for item in out.seqs:
+                seq = item.seq
+                if seq.finished:
+                    continue
+                if item.sample:
+                    # blocks past the next step's tokens held rejected proposals or the draft's lookahead
+                    bm.trim(seq.block_table, seq.num_tokens)
+                seq.spec_token_ids = result.spec_token_ids.get(seq.seq_id, [])
         return updates
+
+    def _append(self, upd: SeqUpdate, result: ModelRunnerOutput, finishing: list, now: float) -> None:
+        """Append the sequence's sampled tokens up to the first that stops it (recorded in finishing)."""
+        seq = upd.seq
+        tokens = result.sampled.get(seq.seq_id)
+        if not tokens:
+            return
+        lps = result.logprobs.get(seq.seq_id)
+        for j, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            upd.new_token_ids.append(token)
+            if lps is not None:
+                upd.logprobs = (upd.logprobs or []) + [lps[j]]
+            self.num_generation_tokens += 1
+            stop = self._stop(seq, token)
+            if stop is not None:
+                finishing.append((seq, *stop))
+                break
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = now
 
     def _fork(self, parent: Sequence, candidates: list[Sequence]) -> list[Sequence]:
         """Start the request's other samples from the parent's computed prompt: full blocks shared,
@@ -347,8 +423,8 @@ class Scheduler:
         req.unforked = []
         return forked
 
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
-        """Finish on a stop token, EOS (after min_tokens) or length; True if it finished."""
+    def _stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        """(finish reason, stop reason) on a stop token, EOS (after min_tokens) or length, else None."""
         params = seq.params
         reason, stop_reason = None, None
         if seq.num_output_tokens >= params.min_tokens:
@@ -360,6 +436,13 @@ class Scheduler:
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is None:
-            return False
-        self.finish_seq(seq, reason, stop_reason)
-        return True
+            return None
+        return reason, stop_reason
+
+
+def _num_matching(spec: list[int], tokens: list[int]) -> int:
+    """How many leading tokens equal the proposals."""
+    n = 0
+    while n < len(spec) and n < len(tokens) and spec[n] == tokens[n]:
+        n += 1
+    return n
