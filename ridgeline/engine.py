@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 
 import torch
 
@@ -149,6 +150,15 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
+    def _observe_step(self, out, seconds: float) -> None:
+        """A decode step's measured time, for the speculation policy's correction (steps with
+        prefill chunks are not decode steps and are left out)."""
+        if not out.seqs or any(not s.sample or (s.num_new_tokens > 1 and not s.spec_token_ids) for s in out.seqs):
+            return
+        batch = len(out.seqs)
+        context = sum(s.start for s in out.seqs) // batch
+        self.spec_policy.observe_step(batch, context, out.num_tokens / batch, out.num_spec_tokens, seconds)
+
     def _spec_step_time(self, model: Transformer):
         """The target's step time from the performance model on this machine's probed spec (probed
         now, about 2 s, and saved, if there is none yet)."""
@@ -235,7 +245,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self._scheduler.schedule()
+        t0 = time.perf_counter()
         result = self.runner.execute(out)
+        if self.spec_policy is not None:
+            self._observe_step(out, time.perf_counter() - t0)
         if not out.seqs:
             return []
         updates = self._scheduler.update_from_output(out, result)

@@ -84,10 +84,21 @@ class ModelRunner:
                 parent_row = next(r for s, r in samples if s is item.seq)
                 samples.extend((child, parent_row) for child in item.fork_candidates)
 
+        # A speculative sequence's k + 1 positions attend as k + 1 decode rows over its block table:
+        # every position's K/V is written before attention, so row j sees the positions up to its
+        # own, and the decode kernel (the one plain decoding uses) computes it.
+        tables, starts, lens = [], [], []
+        for item in out.seqs:
+            n = item.num_new_tokens if item.spec_token_ids else 1
+            tables += [item.seq.block_table] * n
+            starts += range(item.start, item.start + n)
+            lens += [1] * n if item.spec_token_ids else [item.num_new_tokens]
+        shared = None
+        if out.shared_prefixes:
+            num_decode = sum(1 for n in lens if n == 1)
+            shared = (out.shared_prefixes, out.own_start_blocks + [0] * (num_decode - len(out.own_start_blocks)))
         bs = self.kv.block_size
-        shared = (out.shared_prefixes, out.own_start_blocks) if out.shared_prefixes else None
-        meta = build_metadata([s.seq.block_table for s in out.seqs], [s.start for s in out.seqs],
-                              [s.num_new_tokens for s in out.seqs], bs, self.sliding_window, self.device,
+        meta = build_metadata(tables, starts, lens, bs, self.sliding_window, self.device,
                               dtype=self.model.dtype, shared=shared)
         dev = self.device
         ids_t, pos_t = torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev)

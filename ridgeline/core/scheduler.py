@@ -187,8 +187,9 @@ class Scheduler:
         if not out.num_preempted:
             self._admit(out, budget, scheduled)
 
-        # Decode rows first: the attention metadata groups them (a stable sort keeps the order).
-        out.seqs.sort(key=lambda s: s.num_new_tokens != 1)
+        # Decode rows first, then speculative rows (each verified position is a decode row for the
+        # attention), then prefill chunks: the attention metadata groups them (a stable sort).
+        out.seqs.sort(key=lambda s: 0 if s.num_new_tokens == 1 else 1 if s.spec_token_ids else 2)
         out.blocks_to_copy = [(src, dst) for child, src, dst in self._pending_copies
                               if child.status is SeqStatus.RUNNING]
         self._pending_copies = []
