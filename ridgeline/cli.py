@@ -71,6 +71,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
                         "use with the system C compiler (default: on; off = PyTorch ops only)")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=None, metavar="ngram|PATH",
+                   help="propose tokens and verify them in one target step, losslessly: 'ngram' looks them "
+                        "up in the sequence's own context (prompt lookup), PATH runs a draft model (a .gguf "
+                        "file or checkpoint directory sharing the target's vocabulary) (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens proposed per sequence and step at most (default: 4)")
+    g.add_argument("--prompt-lookup-min", type=int, default=None, metavar="N",
+                   help="ngram: shortest n-gram matched against the context (default: 1)")
+    g.add_argument("--prompt-lookup-max", type=int, default=None, metavar="N",
+                   help="ngram: longest n-gram matched, tried first (default: 4)")
+    g.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false", default=None,
+                   help="always propose K tokens (default: choose 0..K each step from the performance model "
+                        "and the measured acceptance rate; the first run probes this machine for a few seconds)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -220,8 +234,48 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
                   quant_activation_bytes=args.quant_activation_bytes, cpu_kernels=args.cpu_kernels)
-    EngineConfig.from_kwargs(model=args.model, **kwargs)
+    kwargs.update(_speculative_kwargs(args))
+    config = EngineConfig.from_kwargs(model=args.model, **kwargs)
+    if config.speculative.method == "draft":
+        _check_draft(args.model, config.speculative.model)
     return kwargs
+
+
+_SPEC_OPTIONS = ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "speculative_adaptive")
+
+
+def _speculative_kwargs(args: argparse.Namespace) -> dict:
+    """--speculative and its tuning flags (only those given; the tuning flags need --speculative)."""
+    given = {name: getattr(args, name) for name in _SPEC_OPTIONS if getattr(args, name) is not None}
+    if args.speculative is None:
+        if given:
+            flag = "--no-speculative-adaptive" if "speculative_adaptive" in given else \
+                f"--{next(iter(given)).replace('_', '-')}"
+            raise UsageError(f"{flag} needs --speculative ngram|PATH")
+        return {}
+    if ("prompt_lookup_min" in given or "prompt_lookup_max" in given) and args.speculative != "ngram":
+        raise UsageError("--prompt-lookup-min/--prompt-lookup-max apply to --speculative ngram only")
+    return {"speculative": args.speculative, **given}
+
+
+def _check_draft(model: str | None, draft: str) -> None:
+    """The draft checkpoint exists and shares the target's vocabulary size: checked from the
+    files' metadata, before either model loads (the tokenizers are compared after loading)."""
+    from .loader import load_model_config, resolve_model_path
+
+    try:
+        resolve_model_path(draft)
+        draft_vocab = load_model_config(draft).vocab_size
+    except (OSError, ValueError) as exc:
+        text = str(exc).removeprefix("model: ")
+        raise UsageError(f"--speculative takes 'ngram' or a draft model: {text}") from None
+    try:
+        target_vocab = load_model_config(model).vocab_size
+    except (OSError, ValueError):
+        return  # the target's own error comes from its load, as without --speculative
+    if draft_vocab != target_vocab:
+        raise UsageError(f"--speculative: the draft model's vocabulary has {draft_vocab} tokens, the target's "
+                         f"{target_vocab}; a draft must share the target's vocabulary")
 
 
 def _load_llm(args: argparse.Namespace):

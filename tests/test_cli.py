@@ -1,7 +1,7 @@
 """The `ridgeline` command line, run as a real subprocess (plus a few cheap in-process checks).
 
 Each subprocess that loads the default model costs ~10 s on a small CPU machine, so only
-three do; the bad-input cases fail before the model is read.
+four do; the bad-input cases fail before the model is read.
 """
 
 from __future__ import annotations
@@ -61,6 +61,18 @@ def test_generate_n_samples_with_logprobs_match_the_stream(streamed):
         assert len(logprobs.strip().splitlines()) == 1 + 8  # header + one line per token
 
 
+def test_generate_with_a_draft_model_matches_the_plain_stream(streamed):
+    """--speculative PATH: the default model drafting for itself (every proposal accepted) leaves
+    greedy output as it is."""
+    from ridgeline.loader import default_model_path
+
+    proc = run_cli("generate", PROMPT, "--max-tokens", "8", "--ignore-eos", *FAST,
+                   "--speculative", str(default_model_path()), "--num-speculative-tokens", "3",
+                   "--no-speculative-adaptive")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == streamed
+
+
 def test_chat_answers_each_line_and_exits_on_eof():
     # --stop "\n" keeps each reply on one line, so the replies can be counted.
     proc = run_cli("chat", "--max-tokens", "8", "--stop", "\n", "--system", "You are terse.", *FAST,
@@ -103,6 +115,17 @@ def _restore_env(monkeypatch):
     (["generate", "hi", "--kv-cache-memory", "lots"], "kv_cache_memory"),
     (["generate", "hi", "--max-model-len", "1"], "max_model_len"),
     (["chat", "--min-p", "1.5"], "min_p"),
+    (["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+    (["serve", "--speculative", "ngram", "--num-speculative-tokens", "-2"], "num_speculative_tokens"),
+    (["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens", "two"], "--num-speculative-tokens"),
+    (["generate", "hi", "--speculative", "ngram", "--prompt-lookup-min", "3", "--prompt-lookup-max", "2"],
+     "prompt_lookup_max"),
+    (["generate", "hi", "--num-speculative-tokens", "3"], "needs --speculative"),
+    (["serve", "--no-speculative-adaptive"], "needs --speculative"),
+    (["generate", "hi", "--speculative", "/nonexistent/draft.gguf"], "--speculative"),
+    (["serve", "--speculative", "/nonexistent/draft.gguf"], "'/nonexistent/draft.gguf' does not exist"),
+    (["generate", "hi", "--speculative", "/nonexistent/draft.gguf", "--prompt-lookup-max", "3"], "ngram only"),
+    (["generate", "hi", "--speculative", ""], "speculative"),
     (["bogus"], "invalid choice"),
     ([], "required"),
 ])
@@ -112,6 +135,39 @@ def test_usage_errors_in_process(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_draft_with_another_vocabulary_fails_before_loading(tmp_path, capsys):
+    """The draft's vocabulary size is read from its config (no weights needed) and compared with
+    the target's before either model loads."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5}))
+    for argv in (["generate", "hi"], ["serve"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--speculative", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --speculative") and "vocabulary has 100 tokens" in err and "\n" not in err
+
+
+def test_speculative_options_reach_the_engine_config(monkeypatch):
+    from ridgeline.core.config import EngineConfig
+
+    args = cli._build_parser().parse_args(["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens",
+                                           "6", "--prompt-lookup-min", "2", "--prompt-lookup-max", "5",
+                                           "--no-speculative-adaptive"])
+    spec = EngineConfig.from_kwargs(model=None, **cli._engine_kwargs(args)).speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+            spec.adaptive) == ("ngram", 6, 2, 5, False)
+    plain = cli._engine_kwargs(cli._build_parser().parse_args(["generate", "hi"]))
+    assert not EngineConfig.from_kwargs(model=None, **plain).speculative.enabled
+    defaults = cli._engine_kwargs(cli._build_parser().parse_args(["serve", "--speculative", "ngram"]))
+    spec = EngineConfig.from_kwargs(model=None, **defaults).speculative
+    assert (spec.num_speculative_tokens, spec.adaptive) == (4, True)
 
 
 class FakeLLM:

@@ -250,3 +250,77 @@ def test_gguf_formats_priced_by_their_bytes_per_weight():
     dense = _ops(StepShape.decode(1, 7), dtype="float32")
     assert q["qkv_proj"][0] == dense["qkv_proj"][0]
     assert q["qkv_proj"][1] == pytest.approx(dense["qkv_proj"][1] - 2 * 128 * (4 - 0.5625))
+
+
+def test_speculative_speedup_where_memory_bound_and_none_where_compute_bound():
+    """The default model's float32 weights on ROUND (no overheads): batch 1 reads 0.5 GB of weights
+    for ~0.3 GFLOP, so verifying 4 proposals costs hardly more than one token and high acceptance
+    pays ~4x; batch 256 at a short context is compute-bound, where every verified row costs its
+    full share and no k beats not speculating (the policy's k = 0, speedup exactly 1). (At long
+    contexts the sequences' K/V reads, shared by their k + 1 rows, keep speculation paying.)"""
+    from ridgeline.core.spec_policy import expected_tokens, speedup
+    from ridgeline.perf.plan import spec_step_time, speculative_plan
+
+    pm = PerfModel(load_model_config(None), ROUND, dtype="float32")
+    context = 64
+    assert pm.predict(StepShape.decode(1, context)).bound == "memory"
+    assert pm.predict(StepShape.decode(256, context)).bound == "compute"
+    one, big = speculative_plan(pm, context, acceptance=0.9, max_k=4, batches=(1, 256))
+    assert one.batch == 1 and one.best_k == 4
+    assert 3 < one.speedup <= expected_tokens(0.9, 4)
+    step = spec_step_time(pm)
+    assert one.speedup == pytest.approx(speedup(step, 1, context, 4, 0.9))
+    assert big.batch == 256 and big.best_k == 0 and big.speedup == 1.0 and big.speedup_max_k < 1
+    # the verifying step is a decode step when n = 1, and prices lm_head and sampling on all n
+    # rows (a prefill chunk of n tokens has logits for its last one only)
+    assert step(8, context, 1) == pytest.approx(pm.step_time(StepShape.decode(8, context)))
+    chunk = pm.step_time(StepShape([SeqWork(5, context)] * 8))
+    assert step(8, context, 5) > chunk
+    # a draft model's cost comes out of the gain
+    drafted = speculative_plan(pm, context, acceptance=0.9, max_k=4, draft_cost=0.2, batches=(1,))[0]
+    assert 1 < drafted.speedup < one.speedup
+    for kwargs, message in ((dict(acceptance=1.0), "acceptance must be a number in \\(0, 1\\)"),
+                            (dict(acceptance=0.0), "acceptance"), (dict(acceptance=0.5, max_k=0), "num_speculative")):
+        with pytest.raises(ValueError, match=message):
+            speculative_plan(pm, context, **kwargs)
+
+
+def test_plan_cli_speculative(tmp_path, capsys):
+    spec = tmp_path / "round.json"
+    spec.write_text(json.dumps({**ROUND.to_dict(), "memory_capacity": 80e9}))
+    common = ("plan", "--hardware", str(spec), "--dtype", "float32", "--weight-dtype", "float32")
+    out = _cli(*common, "--prompt-len", "32", "--output-len", "64", "--speculative", "ngram", "--acceptance", "0.9",
+               "--batch", "256", "--json")
+    assert out.returncode == 0, out.stderr
+    sp = json.loads(out.stdout)["speculative"]
+    assert sp["method"] == "ngram" and sp["acceptance"] == 0.9 and sp["num_speculative_tokens"] == 4
+    assert sp["draft_cost"] == 0 and sp["context"] == 32 + 32
+    rows = {r["batch"]: r for r in sp["batches"]}
+    assert sorted(rows) == [1, 2, 4, 8, 16, 32, 64, 256]  # the usual sizes plus --batch
+    assert rows[1]["best_k"] == 4 and rows[1]["speedup"] > 1
+    assert rows[256]["best_k"] == 0 and rows[256]["speedup"] == 1.0
+    assert [r["speedup"] for r in sp["batches"]] == sorted((r["speedup"] for r in sp["batches"]), reverse=True)
+    # a draft model: the default model drafting for itself costs a whole target step per proposal
+    # (the same weight bytes), so nothing pays
+    from ridgeline.loader import default_model_path
+
+    text = _cli("plan", "--hardware", str(spec), "--dtype", "float32", "--speculative", "draft",
+                "--acceptance", "0.9", "--draft-model", str(default_model_path()))
+    assert text.returncode == 0, text.stderr
+    assert "speculative decoding (draft): acceptance 0.9, k <= 4, draft cost 1 of a target step" in text.stdout
+    table = text.stdout.split("speculative decoding (draft)")[1].strip().splitlines()[2:]
+    assert len(table) == 7 and all(line.split()[2:4] == ["0", "1.00"] for line in table), text.stdout
+    for args, message in ((("--speculative", "ngram", "--acceptance", "1"), "--acceptance must be in (0, 1)"),
+                          (("--speculative", "ngram", "--acceptance", "0"), "--acceptance must be in (0, 1)"),
+                          (("--speculative", "ngram"), "--speculative needs --acceptance"),
+                          (("--acceptance", "0.5"), "--acceptance needs --speculative"),
+                          (("--speculative", "draft", "--acceptance", "0.5"), "exactly one of --draft-model"),
+                          (("--speculative", "ngram", "--acceptance", "0.5", "--draft-cost", "0.1"),
+                           "apply to --speculative draft only"),
+                          (("--speculative", "draft", "--acceptance", "0.5", "--draft-model", "/nope.gguf"),
+                           "--draft-model: '/nope.gguf' does not exist"),
+                          (("--speculative", "ngram", "--acceptance", "0.5", "--num-speculative-tokens", "0"),
+                           "--num-speculative-tokens must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--hardware", "l4", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 Driven with the official `openai` package (and raw httpx where the wire format itself is
 checked). Greedy outputs are compared with `LLM.generate` on the session's float32 model.
-Two servers start: the main one (API key set) and a tiny one (one sequence at a time, a
-queue of one) for the full-queue and SIGTERM cases.
+Three servers start: the main one (API key set), the same with n-gram speculative decoding
+(`server` is parametrized: each test that takes it runs on both, except those pinned to
+"plain"; greedy outputs must not change under speculation), and a tiny one (one sequence at
+a time, a queue of one) for the full-queue and SIGTERM cases.
 """
 
 from __future__ import annotations
@@ -106,11 +108,20 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = Server("--api-key", API_KEY)
+# The speculative server always proposes 4 tokens (not adaptive: every step is a speculative one,
+# and no machine probe at start), looked up in the sequence's context.
+SPECULATIVE = ["--speculative", "ngram", "--num-speculative-tokens", "4", "--no-speculative-adaptive"]
+SERVERS = {"plain": [], "ngram": SPECULATIVE}
+plain_only = pytest.mark.parametrize("server", ["plain"], indirect=True)
+ngram_only = pytest.mark.parametrize("server", ["ngram"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def server(request):
+    srv = Server("--api-key", API_KEY, *SERVERS[request.param])
+    srv.speculative = request.param != "plain"
     yield srv
-    assert srv.stop() == 0
+    assert srv.stop() == 0, srv.log()[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +164,45 @@ def test_models_health_and_metrics(server, client, model_id):
                  "ridgeline:num_preemptions_total", "ridgeline:time_to_first_token_seconds_count",
                  "ridgeline:time_per_output_token_seconds_count", "ridgeline:e2e_request_latency_seconds_count",
                  "ridgeline:prefix_cache_queries_total", "ridgeline:prefix_cache_hits_total",
-                 "ridgeline:prefix_cache_hit_rate", "ridgeline:kv_cache_blocks_shared"):
+                 "ridgeline:prefix_cache_hit_rate", "ridgeline:kv_cache_blocks_shared",
+                 "ridgeline:spec_decode_num_drafts_total", "ridgeline:spec_decode_num_draft_tokens_total",
+                 "ridgeline:spec_decode_num_accepted_tokens_total", "ridgeline:spec_decode_acceptance_rate",
+                 "ridgeline:spec_decode_mean_accepted_length"):
         assert name in m, name
     assert m["ridgeline:kv_cache_blocks_total"] > 0
+    if not server.speculative:
+        assert m["ridgeline:spec_decode_num_draft_tokens_total"] == 0
+
+
+@ngram_only
+def test_spec_decode_metrics(server, client, model_id, llm_fp32):
+    """After a few greedy completions of repetitive text, /metrics counts the drafts, and the
+    outputs are the offline (non-speculative) greedy ones."""
+    before = server.metrics()
+    prompts = ["one two three four five one two three four five one two three",
+               "The cat sat on the mat. The cat sat on the mat. The cat",
+               "a b c a b c a b c a b"]
+    refs = llm_fp32.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for prompt, ref in zip(prompts, refs):
+        r = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref.outputs[0].text and r.usage.completion_tokens == 16
+    m = server.metrics()
+    drafts = m["ridgeline:spec_decode_num_drafts_total"] - before["ridgeline:spec_decode_num_drafts_total"]
+    proposed = (m["ridgeline:spec_decode_num_draft_tokens_total"]
+                - before["ridgeline:spec_decode_num_draft_tokens_total"])
+    accepted = (m["ridgeline:spec_decode_num_accepted_tokens_total"]
+                - before["ridgeline:spec_decode_num_accepted_tokens_total"])
+    assert drafts > 0 and proposed > 0 and accepted > 0, m
+    assert drafts <= proposed <= 4 * drafts and accepted <= proposed
+    # the gauges are the totals' ratios since start
+    total_proposed = m["ridgeline:spec_decode_num_draft_tokens_total"]
+    total_accepted = m["ridgeline:spec_decode_num_accepted_tokens_total"]
+    assert m["ridgeline:spec_decode_acceptance_rate"] == pytest.approx(total_accepted / total_proposed)
+    assert m["ridgeline:spec_decode_mean_accepted_length"] == pytest.approx(
+        1 + total_accepted / m["ridgeline:spec_decode_num_drafts_total"])
+    # accepted proposals: a speculative row yields more than the one token a plain step does
+    assert m["ridgeline:spec_decode_mean_accepted_length"] > 1
 
 
 def test_completion_matches_offline_greedy(client, model_id, llm_fp32):
@@ -499,6 +546,7 @@ def test_openai_client_raises_typed_errors(server, model_id):
 # ---------------------------------------------------------------------- benchmark client end to end
 
 
+@plain_only
 def test_bench_serve_against_the_server(server, tmp_path):
     out = tmp_path / "bench.json"
     plot = tmp_path / "cdf.png"
@@ -590,6 +638,7 @@ def test_full_queue_is_503_and_sigterm_exits_cleanly(small_server):
         httpx.get(url + "/health", timeout=2)
 
 
+@plain_only
 def test_cli_usage_errors_fail_fast(server):
     busy = subprocess.run(_command() + ["serve", "--port", str(server.port)], capture_output=True, text=True,
                           timeout=60)

@@ -57,6 +57,21 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the roofline with the operators on it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="also predict the speedup of speculative decoding per batch size (1 to 64) and the best "
+                        "number of proposals for each, at the workload's mean context")
+    g.add_argument("--acceptance", type=float, default=None, metavar="A",
+                   help="probability that a proposed token is accepted, in (0, 1) (needed with --speculative; "
+                        "`ridgeline serve` reports the measured one as ridgeline:spec_decode_acceptance_rate)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="proposals per sequence and step at most; the best k in 0..K is chosen (default: 4)")
+    g.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="draft: its checkpoint (.gguf, directory or config.json); its cost per proposed token is "
+                        "its weight bytes over the target's, as the engine prices it")
+    g.add_argument("--draft-cost", type=float, default=None, metavar="F",
+                   help="draft: its time per proposed token as a fraction of the target's step, instead of "
+                        "--draft-model")
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -112,11 +127,67 @@ def build_perf_model(args: argparse.Namespace):
                      args.kv_dtype, block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan, plan, plot_roofline
+def _speculative_options(args: argparse.Namespace) -> None:
+    """Check the --speculative group before anything is read."""
+    if args.speculative is None:
+        for flag in ("acceptance", "draft_model", "draft_cost"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --speculative ngram|draft")
+        return
+    if args.acceptance is None:
+        raise ValueError("--speculative needs --acceptance A, the probability that a proposal is accepted, in (0, 1)")
+    if not 0 < args.acceptance < 1:
+        raise ValueError(f"--acceptance must be in (0, 1), got {args.acceptance:g}")
+    if args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if args.speculative == "ngram":
+        if args.draft_model is not None or args.draft_cost is not None:
+            raise ValueError("--draft-model and --draft-cost apply to --speculative draft only (ngram lookup costs "
+                             "no model step)")
+        return
+    if (args.draft_model is None) == (args.draft_cost is None):
+        raise ValueError("--speculative draft needs exactly one of --draft-model PATH or --draft-cost F")
+    if args.draft_cost is not None and not 0 <= args.draft_cost < float("inf"):
+        raise ValueError(f"--draft-cost must be a fraction >= 0, got {args.draft_cost:g}")
 
+
+def draft_cost(args: argparse.Namespace, pm) -> float:
+    """A draft's time per proposed token over the target's step: --draft-cost, or --draft-model's
+    weight bytes over the target's (what the engine's SpecPolicy takes)."""
+    if args.speculative != "draft":
+        return 0.0
+    if args.draft_cost is not None:
+        return args.draft_cost
+    from ..loader import load_model_config, stored_weight_format
+    from .ops import weight_bytes
+
+    try:
+        cfg = load_model_config(args.draft_model)
+        fmt = stored_weight_format(args.draft_model) or pm.weight_dtype
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--draft-model: {str(exc).removeprefix('model: ')}") from None
+    if cfg.vocab_size != pm.model.vocab_size:
+        raise ValueError(f"--draft-model: its vocabulary has {cfg.vocab_size} tokens, the target's "
+                         f"{pm.model.vocab_size}; a draft must share the target's vocabulary")
+    return weight_bytes(cfg, fmt) / pm.weight_bytes
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .plan import SPEC_BATCHES, format_plan, format_speculative, plan, plot_roofline, speculative_plan
+
+    _speculative_options(args)
     pm = build_perf_model(args)
     result = plan(pm, args.prompt_len, args.output_len, args.slo_ttft, args.slo_tpot, args.batch)
+    spec = None
+    if args.speculative is not None:
+        cost = draft_cost(args, pm)
+        context = args.prompt_len + args.output_len // 2
+        batches = sorted({b for b in SPEC_BATCHES if b <= max(1, result.memory_max_batch)}
+                         | ({args.batch} if args.batch is not None else set()))
+        rows = speculative_plan(pm, context, args.acceptance, args.num_speculative_tokens, cost, tuple(batches))
+        spec = {"method": args.speculative, "acceptance": args.acceptance,
+                "num_speculative_tokens": args.num_speculative_tokens, "draft_cost": round(cost, 6),
+                "context": context, "batches": [r.to_dict() for r in rows]}
     if args.plot:
         plot_roofline(pm, result, args.prompt_len, args.output_len, args.plot)
     if args.json:
@@ -124,11 +195,17 @@ def run_plan(args: argparse.Namespace) -> int:
                "weight_dtype": pm.weight_dtype, "kv_dtype": pm.kv_dtype, "prompt_len": args.prompt_len,
                "output_len": args.output_len, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
                **result.to_dict()}
+        if spec is not None:
+            out["speculative"] = spec
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(pm, result, args.prompt_len, args.output_len))
         if args.slo_ttft is not None or args.slo_tpot is not None:
             print("SLOs met at this batch" if result.slo_met else "SLOs NOT met at this batch")
+        if spec is not None:
+            print()
+            print(format_speculative(rows, args.speculative, args.acceptance, args.num_speculative_tokens, cost,
+                                     spec["context"]))
         if args.plot:
             print(f"roofline plot: {args.plot}")
     return 0

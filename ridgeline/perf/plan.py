@@ -7,14 +7,21 @@ Over one request lifetime the batch runs O decode steps and absorbs B prefills, 
   TPOT = (O * t_decode(B) + B * extra_prefill) / O,  throughput = B / TPOT,
   TTFT = the prompt's chunked steps alongside B - 1 decodes (no queueing: a closed loop at B).
 `ridgeline simulate` gives distributions under real arrivals; this is the quick estimate.
+
+With --speculative, also the predicted speedup of speculative decoding per batch size: the
+engine's SpecPolicy rule (core/spec_policy.py) on this PerfModel's step times, at the
+workload's mean context, for a given per-token acceptance rate.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .ops import StepShape
+from ..core.spec_policy import speedup
+from .ops import SeqWork, StepShape
 from .predictor import PerfModel, StepPrediction
+
+SPEC_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -169,3 +176,64 @@ def plot_roofline(pm: PerfModel, p: Plan, prompt_len: int, output_len: int, path
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class SpecRow:
+    """Speculative decoding at one batch size: the k in 0..max_k with the most tokens/s (0: do
+    not speculate, speedup 1) and the speedup of always proposing max_k."""
+    batch: int
+    step_ms: float  # the plain one-token decode step
+    best_k: int
+    speedup: float  # at best_k
+    speedup_max_k: float  # proposing max_k every step (--no-speculative-adaptive)
+    tokens_per_s: float  # decode tokens/s at best_k
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "step_ms": round(self.step_ms, 4), "best_k": self.best_k,
+                "speedup": round(self.speedup, 4), "speedup_max_k": round(self.speedup_max_k, 4),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def spec_step_time(pm: PerfModel):
+    """step_time(batch, context, n) for core.spec_policy: the target's step over `batch` sequences
+    of n new tokens each (the last token and n - 1 proposals) at `context` cached tokens. Unlike a
+    prefill chunk of n tokens, every one of the n rows gets logits (lm_head and sampling): each
+    proposal is checked against the target's distribution at its position."""
+    def step_time(batch: int, context: int, n: int) -> float:
+        stats = pm.stats(StepShape([SeqWork(n, context)] * batch))
+        return pm.step_time(replace(stats, logits=batch * n))
+    return step_time
+
+
+def speculative_plan(pm: PerfModel, context: int, acceptance: float, max_k: int = 4, draft_cost: float = 0.0,
+                     batches: tuple[int, ...] = SPEC_BATCHES) -> list[SpecRow]:
+    """Predicted speedup of speculative decoding per batch size. acceptance: the probability that a
+    proposed token is accepted, in (0, 1); draft_cost: a draft model's time per proposed token as
+    a fraction of the target's one-token step (0 for n-gram lookup; the engine takes the draft's
+    weight bytes over the target's)."""
+    if not (isinstance(acceptance, (int, float)) and 0 < acceptance < 1):
+        raise ValueError(f"acceptance must be a number in (0, 1), got {acceptance!r}")
+    if not isinstance(max_k, int) or isinstance(max_k, bool) or max_k < 1:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {max_k!r}")
+    if not (isinstance(draft_cost, (int, float)) and 0 <= draft_cost < float("inf")):
+        raise ValueError(f"draft_cost must be a number >= 0, got {draft_cost!r}")
+    step_time = spec_step_time(pm)
+    rows = []
+    for b in batches:
+        gains = [speedup(step_time, b, context, k, acceptance, draft_cost) for k in range(max_k + 1)]
+        best = max(range(max_k + 1), key=lambda k: (gains[k], -k))  # ties: fewer proposals (SpecPolicy's rule)
+        base = step_time(b, context, 1)
+        rows.append(SpecRow(b, base * 1e3, best, gains[best], gains[max_k], b / base * gains[best]))
+    return rows
+
+
+def format_speculative(rows: list[SpecRow], method: str, acceptance: float, max_k: int, draft_cost: float,
+                       context: int) -> str:
+    cost = f", draft cost {draft_cost:.3g} of a target step per token" if method == "draft" else ""
+    lines = [f"speculative decoding ({method}): acceptance {acceptance:g}, k <= {max_k}{cost}, context {context}",
+             f"{'batch':>6}{'step ms':>11}{'best k':>8}{'speedup':>9}{f'at k={max_k}':>9}{'tokens/s':>12}"]
+    for r in rows:
+        lines.append(f"{r.batch:>6}{r.step_ms:>11.3f}{r.best_k:>8}{r.speedup:>9.2f}{r.speedup_max_k:>9.2f}"
+                     f"{r.tokens_per_s:>12.1f}")
+    return "\n".join(lines)

@@ -53,6 +53,22 @@ class ServerMetrics:
                                       labels, registry=r).labels(model_name)
         self.prefix_hits = Counter("ridgeline:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels, registry=r).labels(model_name)
+        # speculative decoding (zero while it is off); vLLM's spec_decode_* names
+        self.spec_drafts = Counter("ridgeline:spec_decode_num_drafts",
+                                   "Speculative rows verified: a sequence with proposed tokens, in one step.",
+                                   labels, registry=r).labels(model_name)
+        self.spec_draft_tokens = Counter("ridgeline:spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                                         labels, registry=r).labels(model_name)
+        self.spec_accepted_tokens = Counter("ridgeline:spec_decode_num_accepted_tokens",
+                                            "Proposed tokens accepted by the target.",
+                                            labels, registry=r).labels(model_name)
+        self.spec_acceptance_rate = Gauge("ridgeline:spec_decode_acceptance_rate",
+                                          "Accepted / proposed tokens, since start (0 to 1).",
+                                          labels, registry=r).labels(model_name)
+        self.spec_mean_accepted_length = Gauge(
+            "ridgeline:spec_decode_mean_accepted_length",
+            "Tokens a speculative row yields on average (its accepted proposals and the token after), since start.",
+            labels, registry=r).labels(model_name)
         self._success = Counter("ridgeline:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model = model_name
@@ -65,7 +81,8 @@ class ServerMetrics:
         self.e2e = Histogram("ridgeline:e2e_request_latency_seconds", "Arrival to last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
         self._seen = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
-                      "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "spec_decode_num_drafts": 0,
+                      "spec_decode_num_draft_tokens": 0, "spec_decode_num_accepted_tokens": 0}
 
     def update(self, engine: LLMEngine, outputs: list[RequestOutput], running: int, waiting: int) -> None:
         """Refresh from the engine (engine thread only)."""
@@ -77,9 +94,13 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_cache_usage)
         self.kv_blocks_shared.set(stats.kv_blocks_shared)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        self.spec_acceptance_rate.set(stats.spec_decode_acceptance_rate)
+        self.spec_mean_accepted_length.set(stats.spec_decode_mean_accepted_length)
         for key, counter in (("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
                              ("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
-                             ("prefix_cache_hits", self.prefix_hits)):
+                             ("prefix_cache_hits", self.prefix_hits), ("spec_decode_num_drafts", self.spec_drafts),
+                             ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
+                             ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens)):
             now = getattr(stats, key)
             if now > self._seen[key]:
                 counter.inc(now - self._seen[key])
