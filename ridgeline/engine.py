@@ -163,8 +163,9 @@ class LLMEngine:
         """The target's step time from the performance model on this machine's probed spec (probed
         now, about 2 s, and saved, if there is none yet)."""
         from .loader import stored_weight_format
-        from .perf import HardwareSpecError, PerfModel, SeqWork, StepShape, load_spec, save_spec
+        from .perf import HardwareSpecError, PerfModel, load_spec, save_spec
         from .perf.hardware import local_spec_name
+        from .perf.plan import spec_step_time
         from .perf.probe import probe
 
         try:
@@ -179,7 +180,7 @@ class LLMEngine:
         if quant == "auto" and self.device.type == "cpu":
             weights = stored_weight_format(self.model_path)
         pm = PerfModel(self.model_config, hw, dtype, weights or dtype, block_size=self.block_size)
-        return lambda batch, context, new: pm.step_time(StepShape([SeqWork(new, context)] * batch))
+        return spec_step_time(pm)
 
     @property
     def model(self) -> Transformer:
