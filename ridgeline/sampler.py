@@ -86,13 +86,14 @@ def _block_eos(logits: torch.Tensor, rows: list[SampleRow], eos_ids: list[int]) 
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask tokens outside top-k, the top-p nucleus and the min-p floor (all per row)."""
+    """Mask tokens outside top-k, then outside the top-p nucleus of what top-k kept (renormalized,
+    as transformers and vLLM apply them) and under the min-p floor (all per row)."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
     drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     # Nucleus: keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= top_p.unsqueeze(1)

@@ -344,13 +344,13 @@ class Scheduler:
                 self._append(upd, result, finishing, now)
             rejected = 0
             if item.spec_token_ids:
-                # a proposal is accepted when the token sampled at its position is the proposal itself
-                spec, sampled = item.spec_token_ids, result.sampled.get(seq.seq_id, [])
-                ok = _num_matching(spec, sampled)
+                # verification emits the accepted proposals and one token after them
+                spec = item.spec_token_ids
+                ok = len(result.sampled.get(seq.seq_id, [])) - 1
                 proposed, accepted = proposed + len(spec), accepted + ok
                 self.num_spec_drafts += 1
                 # rejected proposals' KV slots are rewritten later (a stop may cut the kept ones short)
-                rejected = len(spec) - _num_matching(spec, upd.new_token_ids)
+                rejected = len(spec) - min(ok, len(upd.new_token_ids))
             seq.num_computed_tokens += item.num_new_tokens - rejected
             if seq.num_computed_tokens <= seq.num_prompt_tokens:
                 self.num_prompt_tokens += item.num_new_tokens
@@ -439,11 +439,3 @@ class Scheduler:
         if reason is None:
             return None
         return reason, stop_reason
-
-
-def _num_matching(spec: list[int], tokens: list[int]) -> int:
-    """How many leading tokens equal the proposals."""
-    n = 0
-    while n < len(spec) and n < len(tokens) and spec[n] == tokens[n]:
-        n += 1
-    return n

@@ -78,11 +78,12 @@ class DraftModel:
             greedy = proc.argmax(dim=-1).tolist()
             sampled = [j for j, i in enumerate(live) if not rows[i].params.greedy]
             probs = sampling_probs(proc[sampled], [rows[live[j]].params for j in sampled]) if sampled else None
+            prob_row = {j: r for r, j in enumerate(sampled)}
             for j, i in enumerate(live):
                 if rows[i].params.greedy:
                     tok = greedy[j]
                 else:
-                    q = probs[sampled.index(j)]
+                    q = probs[prob_row[j]]
                     tok = draw(q, self._generator(seq_ids[i], seeds[i]))
                     qs[i].append(q)
                 drafts[i].append(tok)
