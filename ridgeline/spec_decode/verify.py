@@ -58,7 +58,7 @@ def verify(logits: torch.Tensor, rows: list[SampleRow], groups: list[SpecRows],
         else:
             tokens = _accept_sampled(g, probs, gen)
         lps = None
-        if raw is not None:
+        if raw is not None and params.logprobs is not None:
             sel = list(range(g.first, g.first + len(tokens)))
             lps = row_logprobs(raw[sel], torch.tensor(tokens, device=logits.device), [params.logprobs] * len(sel))
         results.append(Verified(tokens, lps))
