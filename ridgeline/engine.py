@@ -125,20 +125,7 @@ class LLMEngine:
         # Hydragen's grouping is skipped for sliding-window models (a window cuts the shared prefix)
         hydragen = config.hydragen.resolve(model.attention_kernels) if mc.sliding_window is None else None
         self.hydragen = hydragen  # the shared-prefix policy in force (None: off)
-        spec = config.speculative
-        proposer, policy, lookahead = None, None, 0
-        if spec.method == "ngram":
-            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
-        elif spec.method == "draft":
-            with _out_of_memory("loading the draft model", "use a smaller draft model or lower kv_cache_memory"):
-                proposer = DraftModel(spec.model, self.dtype, self.device, num_blocks, bs, self.tokenizer,
-                                      mc.vocab_size, config.cpu_kernels, config.quant_activation_bytes)
-            lookahead = spec.num_speculative_tokens
-        if proposer is not None:
-            policy = SpecPolicy(spec.num_speculative_tokens,
-                                self._spec_step_time(model) if spec.adaptive else None,
-                                _weight_bytes(proposer.path) / _weight_bytes(self.model_path)
-                                if isinstance(proposer, DraftModel) else 0.0)
+        proposer, policy, lookahead = self._speculation(num_blocks)
         self.spec_policy = policy
         self._scheduler = Scheduler(config.scheduler, self._blocks, self.max_model_len, eos_ids, hydragen,
                                     policy, lookahead)
@@ -159,12 +146,32 @@ class LLMEngine:
         context = sum(s.start for s in out.seqs) // batch
         self.spec_policy.observe_step(batch, context, out.num_tokens / batch, out.num_spec_tokens, seconds)
 
-    def _spec_step_time(self, model: Transformer):
+    def _speculation(self, num_blocks: int):
+        """(proposer, policy, lookahead tokens) for the configured speculative decoding, or Nones."""
+        spec = self.config.speculative
+        if spec.method is None:
+            return None, None, 0
+        if spec.method == "ngram":
+            proposer, lookahead = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max), 0
+        else:
+            with _out_of_memory("loading the draft model", "use a smaller draft model or lower kv_cache_memory"):
+                proposer = DraftModel(spec.model, self.dtype, self.device, num_blocks, self.block_size, self.tokenizer,
+                                      self.model_config.vocab_size, self.config.cpu_kernels,
+                                      self.config.quant_activation_bytes)
+            lookahead = spec.num_speculative_tokens
+        step_time = draft_cost = None
+        if spec.adaptive:
+            step_time, draft_cost = self._spec_costs(proposer)
+        return proposer, SpecPolicy(spec.num_speculative_tokens, step_time, draft_cost or 0.0), lookahead
+
+    def _spec_costs(self, proposer):
         """The target's step time from the performance model on this machine's probed spec (probed
-        now, about 2 s, and saved, if there is none yet)."""
+        now, a few seconds, and saved, if there is none yet), and a draft model's time per token
+        relative to the target's: their weight bytes as kept in memory."""
         from .loader import stored_weight_format
         from .perf import HardwareSpecError, PerfModel, load_spec, save_spec
         from .perf.hardware import local_spec_name
+        from .perf.ops import weight_bytes
         from .perf.plan import spec_step_time
         from .perf.probe import probe
 
@@ -175,12 +182,21 @@ class LLMEngine:
             hw = probe(local_spec_name(), self.device.type)
             save_spec(hw)
         dtype = str(self.dtype).removeprefix("torch.")
-        quant = self.config.quantization
-        weights = quant if quant not in ("auto", "none") else None
-        if quant == "auto" and self.device.type == "cpu":
-            weights = stored_weight_format(self.model_path)
-        pm = PerfModel(self.model_config, hw, dtype, weights or dtype, block_size=self.block_size)
-        return spec_step_time(pm)
+
+        def kept_format(path, quantization: str) -> str:
+            if quantization not in ("auto", "none"):
+                return quantization
+            if quantization == "auto" and self.device.type == "cpu":
+                return stored_weight_format(path) or dtype
+            return dtype
+
+        weights = kept_format(self.model_path, self.config.quantization)
+        pm = PerfModel(self.model_config, hw, dtype, weights, block_size=self.block_size)
+        draft_cost = 0.0
+        if isinstance(proposer, DraftModel):  # the draft keeps its file's formats ("auto")
+            draft_cost = (weight_bytes(proposer.config, kept_format(proposer.path, "auto"))
+                          / weight_bytes(self.model_config, weights))
+        return spec_step_time(pm), draft_cost
 
     @property
     def model(self) -> Transformer:
@@ -262,13 +278,3 @@ class LLMEngine:
             if req.finished:
                 self._requests.pop(req.request_id, None)
         return self.outputs.make_outputs(touched)
-
-
-def _weight_bytes(path) -> int:
-    """A checkpoint's size on disk: a GGUF file, or a directory's safetensors."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) or 1

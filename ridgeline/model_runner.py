@@ -93,10 +93,7 @@ class ModelRunner:
             tables += [item.seq.block_table] * n
             starts += range(item.start, item.start + n)
             lens += [1] * n if item.spec_token_ids else [item.num_new_tokens]
-        shared = None
-        if out.shared_prefixes:
-            num_decode = sum(1 for n in lens if n == 1)
-            shared = (out.shared_prefixes, out.own_start_blocks + [0] * (num_decode - len(out.own_start_blocks)))
+        shared = (out.shared_prefixes, out.own_start_blocks) if out.shared_prefixes else None
         bs = self.kv.block_size
         meta = build_metadata(tables, starts, lens, bs, self.sliding_window, self.device,
                               dtype=self.model.dtype, shared=shared)

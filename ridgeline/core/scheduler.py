@@ -57,8 +57,10 @@ class SchedulerOutput:
     """What one step computes, as plain data: the model runner turns it into tensors."""
     seqs: list[ScheduledSeq] = field(default_factory=list)  # decode rows (one new token) first
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
-    shared_prefixes: list[SharedPrefix] = field(default_factory=list)  # over the decode rows (Hydragen)
-    own_start_blocks: list[int] = field(default_factory=list)  # per decode row: first block not shared
+    # Hydragen's parts over the attention's decode rows (each decode, then each verified position of
+    # the speculative sequences), and per such row its first block not shared
+    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    own_start_blocks: list[int] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # since the last output: the runner drops them
     num_preempted: int = 0
     num_spec_tokens: int = 0  # speculative decoding: tokens to propose for each sampled sequence
@@ -237,13 +239,20 @@ class Scheduler:
         return item
 
     def _group_shared_prefixes(self, out: SchedulerOutput) -> None:
-        n_dec = out.num_decode_rows
-        if self.hydragen is None or n_dec < 2:
+        """Hydragen's parts over the attention's decode rows: one per decode, and one per verified
+        position of a speculative sequence (those k + 1 rows share every full block)."""
+        if self.hydragen is None:
             return
         bs = self.blocks.block_size
-        dec = out.seqs[:n_dec]
-        parts, own = find_shared_prefixes([s.seq.block_table for s in dec], [s.start // bs for s in dec], bs,
-                                          self.hydragen)
+        tables, full = [], []
+        for s in out.seqs:
+            if s.num_new_tokens == 1 or s.spec_token_ids:
+                for pos in range(s.start, s.start + s.num_new_tokens):
+                    tables.append(s.seq.block_table)
+                    full.append(pos // bs)
+        if len(tables) < 2:
+            return
+        parts, own = find_shared_prefixes(tables, full, bs, self.hydragen)
         if parts:
             out.shared_prefixes, out.own_start_blocks = parts, own
 
