@@ -109,25 +109,34 @@ def prepare_one(rules: PromptRules, prompt: Any, params: SamplingParams, param: 
     return PreparedPrompt(text=text, token_ids=ids, first_token=tok.decode(ids[:1]))
 
 
-def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text: str, param: str) -> list[int]:
-    """encode(text), unless a prefix shows it cannot fit the context (then the length error)."""
+def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text: str, param: str,
+                    probe_only: bool = False) -> list[int] | None:
+    """encode(text), unless a prefix shows it cannot fit the context (then the length error);
+    probe_only: only that check."""
     probe = PROBE_CHARS_PER_TOKEN * rules.max_model_len
     if len(text) > probe:
         head = len(encode(text[:probe]))
         if head > rules.max_model_len + PROBE_SLACK:
             raise _too_long(rules, head - PROBE_SLACK, param, at_least=True)
-    return encode(text)
+    return None if probe_only else encode(text)
 
 
 def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt: bool) -> str:
     """The conversation through the model's chat template, refused first if its text alone is longer
-    than any context could hold (each string is bounded by limits.py; their sum is bounded here)."""
+    than any context could hold (each string is bounded by limits.py; their sum is bounded here),
+    or if the probe shows its contents alone overflow the context: rendering runs in Python under
+    the GIL (about 0.1 s for 600k characters), a pause in every stream, where the probe's
+    tokenization releases it."""
     if not rules.inputs.tokenizer.chat_template:
         raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
     chars = sum(len(m["content"]) for m in messages)
     if chars > rules.max_chars:
         raise APIError(400, f"messages: the conversation holds {chars} characters (at most {rules.max_chars}; "
                             "longer text cannot fit the context)", param="messages")
+    if chars > PROBE_CHARS_PER_TOKEN * rules.max_model_len:
+        tok = rules.inputs.tokenizer
+        _encode_bounded(rules, lambda t: tok.encode(t, add_special_tokens=False),
+                        "\n".join(m["content"] for m in messages), "messages", probe_only=True)
     try:
         return rules.inputs.render_chat(messages, add_generation_prompt)
     except ValueError as exc:
