@@ -79,7 +79,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="tokens proposed per sequence and step at most (default: 4)")
     g.add_argument("--prompt-lookup-min", type=int, default=None, metavar="N",
-                   help="ngram: shortest n-gram matched against the context (default: 1)")
+                   help="ngram: shortest n-gram matched against the context (default: 3)")
     g.add_argument("--prompt-lookup-max", type=int, default=None, metavar="N",
                    help="ngram: longest n-gram matched, tried first (default: 4)")
     g.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false", default=None,

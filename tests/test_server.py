@@ -110,7 +110,8 @@ class Server:
 
 # The speculative server always proposes 4 tokens (not adaptive: every step is a speculative one,
 # and no machine probe at start), looked up in the sequence's context.
-SPECULATIVE = ["--speculative", "ngram", "--num-speculative-tokens", "4", "--no-speculative-adaptive"]
+SPECULATIVE = ["--speculative", "ngram", "--num-speculative-tokens", "4", "--prompt-lookup-min", "1",
+               "--no-speculative-adaptive"]
 SERVERS = {"plain": [], "ngram": SPECULATIVE}
 plain_only = pytest.mark.parametrize("server", ["plain"], indirect=True)
 ngram_only = pytest.mark.parametrize("server", ["ngram"], indirect=True)

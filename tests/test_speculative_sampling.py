@@ -78,7 +78,7 @@ def engines(checkpoints):
             kw = {}
             if spec is not None:
                 kw = dict(speculative=str(draft_dir) if spec == "draft" else "ngram",
-                          num_speculative_tokens=k, speculative_adaptive=False)
+                          num_speculative_tokens=k, speculative_adaptive=False, prompt_lookup_min=1)
             made[spec, k] = LLM(str(target_dir), dtype="float32", kv_cache_memory="32MiB", **kw)
         return made[spec, k]
 
@@ -226,7 +226,7 @@ def test_correction_equal_to_the_rejected_proposal_does_not_stall(checkpoints, m
     that always rejects and corrects to d must still finish."""
     _, target_dir, _ = checkpoints
     llm = LLM(str(target_dir), dtype="float32", kv_cache_memory="8MiB", speculative="ngram",
-              num_speculative_tokens=1, speculative_adaptive=False)
+              num_speculative_tokens=1, speculative_adaptive=False, prompt_lookup_min=1)
     monkeypatch.setattr(verify_mod, "_accept_sampled", lambda g, probs, gen: [g.drafts[0]])
     engine = llm.engine
     rid = engine.add_request({"prompt_token_ids": PROMPT},

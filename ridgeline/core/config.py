@@ -133,7 +133,9 @@ class SpeculativeConfig:
     method: str | None = None
     model: str | None = None
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 1  # n-gram sizes tried, longest first
+    # n-gram sizes tried, longest first (3-4: fewer, better proposals than from 1- and 2-grams;
+    # docs/benchmarks.md)
+    prompt_lookup_min: int = 3
     prompt_lookup_max: int = 4
     adaptive: bool = True
 
