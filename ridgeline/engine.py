@@ -243,6 +243,11 @@ class LLMEngine:
         """The unfinished requests, in arrival order."""
         return list(self._requests)
 
+    @property
+    def num_steps(self) -> int:
+        """Steps that ran the model (get_stats() has it too, with everything else, at more cost)."""
+        return self._scheduler.num_steps
+
     def get_stats(self) -> EngineStats:
         sched, alloc = self._scheduler, self._blocks.allocator
         running = len({id(s.request) for s in sched.running})

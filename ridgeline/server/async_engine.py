@@ -156,10 +156,10 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 self._after_step([])
                 continue
-            steps = engine.get_stats().num_steps
+            steps = engine.num_steps
             try:
                 outputs = engine.step()
-                stalled = engine.get_stats().num_steps == steps
+                stalled = engine.num_steps == steps
             except Exception as exc:  # a bug, not user input: fail in-flight requests, keep serving
                 log.exception("engine step failed")
                 self._fail_all(EngineDeadError(f"the engine failed: {exc!r}"))
