@@ -68,6 +68,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-activation-bytes", type=int, default=1, choices=[1, 2],
                    help="bytes per activation value in the quantized matmuls: 1 (default; 8 bits, llama.cpp's "
                         "numerics) or 2 (about 15 bits: greedy outputs follow the float32 reference, ~1.7-2x slower)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model's matmuls and kernels (>= 1; default: PyTorch's, one per core)")
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused C kernels for norms, rotary, SiLU and decode attention on CPU, compiled at first "
                         "use with the system C compiler (default: on; off = PyTorch ops only)")
@@ -231,9 +233,12 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine options, checked without loading the model (so mistakes fail fast)."""
     from .core.config import EngineConfig
 
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     kwargs = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
-                  quant_activation_bytes=args.quant_activation_bytes, cpu_kernels=args.cpu_kernels)
+                  quant_activation_bytes=args.quant_activation_bytes, cpu_kernels=args.cpu_kernels,
+                  num_threads=args.threads)
     kwargs.update(_speculative_kwargs(args))
     config = EngineConfig.from_kwargs(model=args.model, **kwargs)
     if config.speculative.method == "draft":

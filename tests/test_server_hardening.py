@@ -6,7 +6,12 @@ Timing checks run on a shared 2-core VM, so each is a few attempts: a real stall
 attempt, a noisy neighbour in one. Streams are measured by the gaps between their chunks, the
 median over the whole stream against the longest gap while a hostile request was in flight; the
 hostile requests come from another process (tests/utf8_client.py), so that encoding them does not
-hold this process's GIL while it times the stream.
+hold this process's GIL while it times the stream. The server computes on one thread (`--threads 1`)
+so that the hostile client has a core of its own, as a client on another machine would: with the
+server on both cores of a 2-core VM, the client's own 20-60 ms of CPU per 5 MB request (encoding,
+loopback copies) doubles the server's step times while it runs, whatever the server does (measured
+on a Sapphire Rapids VM: longest gaps 1.9-2.2x the median with 2 threads, 1.0-1.1x with 1).
+Everything the server does with a hostile request still competes with the stream's steps.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ ATTEMPTS = 3
 
 @pytest.fixture(scope="module")
 def hard_server():
-    srv = Server("--api-key", API_KEY, "--header-timeout", str(HEADER_TIMEOUT_S), "--max-connections",
+    srv = Server("--threads", "1", "--api-key", API_KEY, "--header-timeout", str(HEADER_TIMEOUT_S), "--max-connections",
                  str(MAX_CONNECTIONS), "--max-model-len", str(CONTEXT), "--kv-cache-memory", "384MiB")
     yield srv
     assert srv.stop() == 0
