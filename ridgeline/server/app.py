@@ -38,6 +38,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .preprocess import PreparedPrompt, Preprocessor, PromptRules
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, RequestMeta, error_from_validation,
                        error_from_value, usage)
+from .tokenize_routes import add_tokenizer_routes
 from .wire import CloseWhenBodyUnread
 
 log = logging.getLogger("ridgeline.server")
@@ -120,6 +121,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         req = _parse(ChatCompletionRequest, await read_json(request, limits))
         return await server.chat(req, request)
 
+    add_tokenizer_routes(app, preprocessor, limits, server._check_model)
     return app
 
 
@@ -305,6 +307,8 @@ class _Server:
         await self._collect(job, request)
         if not job.done:
             return Response(status_code=499)
+        if req.score_only:
+            return JSONResponse(self._scored(job))
         choices, completion_tokens = [], 0
         for p_idx, (rid, prompt) in enumerate(zip(job.request_ids, job.prompts)):
             out = job.finals[rid]
@@ -325,7 +329,34 @@ class _Server:
                              "model": job.meta.model, "choices": choices, "system_fingerprint": None,
                              "usage": usage(prompt_tokens, completion_tokens)})
 
+    def _scored(self, job: _Job) -> dict:
+        """max_tokens=0 with echo: each prompt as its text and (with logprobs) its tokens' logprobs;
+        the one token the engine sampled is dropped. As a stream: one chunk, sent when scored."""
+        k, n, choices = job.params.logprobs, job.params.n, []
+        nothing = _completion_logprobs([], [], k or 0, 0)
+        for p_idx, (rid, prompt) in enumerate(zip(job.request_ids, job.prompts)):
+            lp = None if k is None else _merge_echo_logprobs(prompt, job.finals[rid], nothing, k)
+            choices += [{"index": p_idx * n + i, "text": prompt.text, "logprobs": lp, "finish_reason": "length"}
+                        for i in range(n)]
+        prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
+        return {"id": job.meta.id, "object": "text_completion", "created": job.meta.created, "model": job.meta.model,
+                "choices": choices, "system_fingerprint": None, "usage": usage(prompt_tokens, 0)}
+
     async def _stream_completion(self, job: _Job, req: CompletionRequest) -> AsyncIterator[str]:
+        if req.score_only:
+            try:
+                while not job.done:
+                    await self._next(job)
+                body = self._scored(job)
+                final_usage = body.pop("usage")
+                yield _event({**body, **({"usage": None} if req.include_usage else {})})
+                if req.include_usage:
+                    yield _event({**body, "choices": [], "usage": final_usage})
+                yield "data: [DONE]\n\n"
+            except EngineDeadError as exc:
+                yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
+                yield "data: [DONE]\n\n"
+            return
         params = job.params
         states = {(p, i): _Choice() for p in range(len(job.prompts)) for i in range(params.n)}
         index_of = {rid: p for p, rid in enumerate(job.request_ids)}

@@ -1,4 +1,4 @@
-"""API-key check on /v1 routes (`--api-key`).
+"""API-key check on /v1 routes and the tokenizer endpoints (`--api-key`).
 
 The key is compared with the header as bytes, the key encoded as UTF-8, in constant time: the
 header is never decoded (reading it as latin-1 and encoding it again turns a UTF-8 `sécret` into
@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from .protocol import APIError
 
 _SPACE = b" \t"
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")  # /tokenize also covers /tokenizer_info
 
 
 def check_bearer(values: list[bytes], key: bytes) -> APIError | None:
@@ -40,7 +41,7 @@ class APIKeyMiddleware:
         self.app, self.key = app, api_key.encode("utf-8", "surrogateescape")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
             err = check_bearer([v for k, v in scope["headers"] if k == b"authorization"], self.key)
             if err is not None:
                 await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)

@@ -80,6 +80,11 @@ class Preprocessor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, prepare, self.rules, prompts, params, param)
 
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the worker thread: other tokenizer work (/tokenize, /detokenize) stays off
+        the engine thread and the event loop too."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -120,7 +120,7 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 (with echo): score the prompt, generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -148,7 +148,20 @@ class CompletionRequest(_SamplingFields):
         if self.suffix is not None:
             raise APIError(400, "suffix: not supported by this server", param="suffix")
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._sampling(self.max_tokens, self.logprobs, prompt_lp)
+        max_tokens = self.max_tokens
+        if self.score_only:
+            if not self.echo:
+                raise APIError(400, "max_tokens: 0 is only allowed with echo=true (to score the prompt)",
+                               param="max_tokens")
+            if self.min_tokens:
+                raise APIError(400, "min_tokens: must be 0 when max_tokens is 0", param="min_tokens")
+            max_tokens = 1  # the engine samples one token after the prefill; the handler drops it
+        return self._sampling(max_tokens, self.logprobs, prompt_lp)
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens=0: the prompt (and with logprobs its tokens' logprobs) comes back, no completion."""
+        return self.max_tokens == 0
 
 
 class TextPart(_Strict):
