@@ -38,6 +38,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .preprocess import PreparedPrompt, Preprocessor, PromptRules
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, RequestMeta, error_from_validation,
                        error_from_value, usage)
+from .responses import ResponsesRequest, create_response
 from .tokenize_routes import add_tokenizer_routes
 from .wire import CloseWhenBodyUnread
 
@@ -120,6 +121,11 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
     async def chat_completions(request: Request) -> Response:
         req = _parse(ChatCompletionRequest, await read_json(request, limits))
         return await server.chat(req, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        req = _parse(ResponsesRequest, await read_json(request, limits))
+        return await create_response(server, req, request)
 
     add_tokenizer_routes(app, preprocessor, limits, server._check_model)
     return app
@@ -476,6 +482,12 @@ class _Server:
         except EngineDeadError as exc:
             yield _event(APIError(503, str(exc), type_="server_error", code="service_unavailable").body())
             yield "data: [DONE]\n\n"
+
+    # What responses.py drives: the chat-completions path, under public names.
+    submit, collect, next_output = _submit, _collect, _next
+
+    def event_stream(self, gen: AsyncIterator[str], job: _Job) -> StreamingResponse:
+        return _sse(gen, self, job)
 
 
 # ---------------------------------------------------------------------- formatting
