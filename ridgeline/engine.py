@@ -35,6 +35,7 @@ from .sampling_params import SamplingParams
 from .core.spec_policy import SpecPolicy
 from .spec_decode.draft import DraftModel
 from .spec_decode.ngram import NgramProposer
+from .structured.masks import GrammarMasks
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("ridgeline")
@@ -130,6 +131,7 @@ class LLMEngine:
         self._scheduler = Scheduler(config.scheduler, self._blocks, self.max_model_len, eos_ids, hydragen,
                                     policy, lookahead)
         self.runner = ModelRunner(model, kv, self.device, mc.sliding_window, eos_ids, proposer)
+        self.runner.grammar = GrammarMasks(self.tokenizer, mc.vocab_size, eos_ids)
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -216,6 +218,8 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError (naming the field) without side effects."""
         params = params or SamplingParams()
         processed = self.inputs.process(prompt, params)
+        if params.structured_outputs is not None:  # compiled for this vocabulary (cached), or a ValueError
+            self.runner.grammar.template(params.structured_outputs)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -278,6 +282,10 @@ class LLMEngine:
             if hit.num_dropped:  # a stop string inside a speculative step's tokens: cut there
                 del hit.seq.token_ids[-hit.num_dropped:]
             self._scheduler.finish_seq(hit.seq, "stop", hit.stop_string)
+        for u in updates:  # a grammar that allows no token: ended here, with no token sampled
+            err = result.grammar_errors.get(u.seq.seq_id)
+            if err is not None and not u.seq.finished:
+                self._scheduler.finish_seq(u.seq, "grammar_error", err)
         touched = list({id(u.seq.request): u.seq.request for u in updates}.values())
         for req in touched:
             if req.finished:

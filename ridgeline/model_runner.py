@@ -20,6 +20,7 @@ from .sampler import SampleRow, sample
 from .spec_decode.draft import DraftModel
 from .spec_decode.ngram import NgramProposer
 from .spec_decode.verify import SpecRows, verify
+from .structured.masks import GrammarMasks, MaskRequest
 
 
 class ModelRunner:
@@ -33,6 +34,7 @@ class ModelRunner:
         self.proposer = proposer  # speculative decoding; None: off
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its sampling generator
         self._draft_q: dict[int, torch.Tensor] = {}  # seq_id -> the draft's probabilities of its proposals
+        self.grammar: GrammarMasks | None = None  # structured outputs' matchers and masks (set by the engine)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.greedy:
@@ -46,6 +48,8 @@ class ModelRunner:
         for seq_id in out.finished_seq_ids:
             self._generators.pop(seq_id, None)
             self._draft_q.pop(seq_id, None)
+            if self.grammar is not None:
+                self.grammar.forget(seq_id)
             if self.proposer is not None:
                 self.proposer.forget(seq_id)
         for src, dst in out.blocks_to_copy:
@@ -83,6 +87,8 @@ class ModelRunner:
             if item.fork_candidates:
                 parent_row = next(r for s, r in samples if s is item.seq)
                 samples.extend((child, parent_row) for child in item.fork_candidates)
+        masks = self._start_masks(samples)  # computed in a worker thread while the forward runs
+
 
         # A speculative sequence's k + 1 positions attend as k + 1 decode rows over its block table:
         # every position's K/V is written before attention, so row j sees the positions up to its
@@ -109,8 +115,12 @@ class ModelRunner:
         if samples:
             seqs = [s for s, _ in samples]
             rows = [SampleRow(s.params, s.token_ids, s.num_prompt_tokens, self._generator(s)) for s in seqs]
-            sampled = sample(logits[torch.tensor([r for _, r in samples], device=dev)], rows, self.eos_token_ids)
+            sample_logits = logits[torch.tensor([r for _, r in samples], device=dev)]
+            dead = self._apply_masks(masks, sample_logits, seqs, result)
+            sampled = sample(sample_logits, rows, self.eos_token_ids)
             for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+                if seq.seq_id in dead:  # no token is allowed: the engine ends it (finish_reason "grammar_error")
+                    continue
                 result.sampled[seq.seq_id] = [tok]
                 if lp is not None:
                     result.logprobs[seq.seq_id] = [(tok, *lp)]
@@ -119,6 +129,33 @@ class ModelRunner:
         if out.num_spec_tokens and self.proposer is not None:
             self._propose(out, result)
         return result
+
+    def _start_masks(self, samples: list[tuple[Sequence, int]]):
+        """(indices into samples, pending masks) of the constrained rows, or None."""
+        if self.grammar is None:
+            return None
+        index = [j for j, (s, _) in enumerate(samples) if s.params.structured_outputs is not None]
+        if not index:
+            return None
+        rows = [MaskRequest(s.seq_id, s.params.structured_outputs, s.token_ids, s.num_prompt_tokens)
+                for s in (samples[j][0] for j in index)]
+        return index, self.grammar.start(rows)
+
+    def _apply_masks(self, masks, logits: torch.Tensor, seqs: list[Sequence], result: ModelRunnerOutput) -> set[int]:
+        """Disallowed tokens of the constrained rows to -inf, in place (logprobs are then those of
+        the masked distribution, as in vLLM); returns the seq ids whose grammar allows nothing."""
+        if masks is None:
+            return set()
+        index, pending = masks
+        res = self.grammar.result(pending)
+        sel = torch.tensor(index, device=logits.device)
+        logits[sel] = logits[sel].masked_fill(~res.allowed.to(logits.device), float("-inf"))
+        dead = set()
+        for i, msg in res.errors.items():
+            seq_id = seqs[index[i]].seq_id
+            result.grammar_errors[seq_id] = msg
+            dead.add(seq_id)
+        return dead
 
     def _verify(self, logits: torch.Tensor, spec: list[tuple[ScheduledSeq, int]], result: ModelRunnerOutput) -> None:
         rows, groups, index = [], [], []
@@ -142,7 +179,9 @@ class ModelRunner:
         """Proposals for the next step of every sequence that sampled (its context: the tokens so
         far and those just emitted). Forked samples start proposing after their first decode."""
         k = out.num_spec_tokens
-        items = [item for item in out.seqs if item.sample and item.seq.seq_id in result.sampled]
+        # constrained sequences are not speculated: a proposal is never checked against their grammar
+        items = [item for item in out.seqs if item.sample and item.seq.seq_id in result.sampled
+                 and item.seq.params.structured_outputs is None]
         if isinstance(self.proposer, NgramProposer):
             for item in items:
                 seq = item.seq

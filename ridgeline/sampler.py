@@ -82,7 +82,10 @@ def _block_eos(logits: torch.Tensor, rows: list[SampleRow], eos_ids: list[int]) 
         if r.num_output_tokens < p.min_tokens:
             ids = list(p.stop_token_ids) + ([] if p.ignore_eos else eos_ids)
             if ids:
+                kept = logits[i, ids].clone()
                 logits[i, ids] = float("-inf")
+                if not bool(torch.isfinite(logits[i]).any()):  # a grammar that allows only EOS wins over min_tokens
+                    logits[i, ids] = kept
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

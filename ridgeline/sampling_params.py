@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .structured.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +27,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per generated token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # a JSON schema, JSON object, regex, choice or grammar the output must match (a dict of
+    # StructuredOutputsParams' fields is accepted too)
+    structured_outputs: StructuredOutputsParams | dict | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,7 @@ class SamplingParams:
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "a list of non-negative integers")
         self.stop_token_ids = list(self.stop_token_ids)
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         if self.temperature < 1e-5:  # greedy: the other sampling knobs are moot
             self.temperature = 0.0
 

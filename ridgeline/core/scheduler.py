@@ -85,6 +85,7 @@ class ModelRunnerOutput:
     logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per new token
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per position
     spec_token_ids: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> proposals for the next step
+    grammar_errors: dict[int, str] = field(default_factory=dict)  # seq_id -> why its grammar allows no token
 
 
 @dataclass

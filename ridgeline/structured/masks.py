@@ -1,0 +1,141 @@
+"""GrammarMasks: one llguidance matcher per constrained sequence, and each step's token masks.
+
+A matcher's state is a function of its sequence's output tokens: before a mask is computed the
+matcher consumes the tokens its sequence gained since the last one (the token sampled last step),
+and a sequence that lost tokens it had consumed gets a fresh matcher that replays them. So preemption
+(recompute keeps the tokens), forked samples (n > 1: a fresh matcher per sample) and prefix
+caching need nothing special, and a step's masks depend only on the tokens, never on timing.
+
+`start()` computes the step's masks in a worker thread while the forward pass runs (llguidance
+releases the GIL while it computes a mask); `result()` waits for them. EOS is allowed only where
+the grammar accepts (llguidance adds it to the mask there). A sequence whose grammar allows no
+token at all (the matcher hit an error, or a dead end the compiler could not see) is reported
+in `GrammarMasks.Step.errors` instead of being sampled, so it ends with finish_reason
+"grammar_error" rather than decoding garbage or running forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+
+from .params import StructuredOutputsParams
+
+log = logging.getLogger("ridgeline")
+MAX_TEMPLATES = 64  # compiled grammars kept for reuse (requests with the same schema)
+
+
+@dataclass
+class _State:
+    matcher: llguidance.LLMatcher
+    num_consumed: int = 0  # output tokens the matcher has consumed
+
+
+@dataclass
+class MaskRequest:
+    """One row to mask: its sequence, constraint and tokens (read in the worker thread: the runner
+    does not change them while the forward runs)."""
+
+    seq_id: int
+    params: StructuredOutputsParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+
+@dataclass
+class MaskResult:
+    allowed: torch.Tensor  # [rows, vocab] bool
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why no token is allowed
+
+
+class GrammarMasks:
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: list[int], overlap: bool = True):
+        self._hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._eos = frozenset(eos_token_ids)
+        self.overlap = overlap  # False: masks computed in the calling thread (same results, for tests)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._templates: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._states: dict[int, _State] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._words = (vocab_size + 31) // 32
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the vocabulary, built on first use (~0.5 s for 49k tokens)."""
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, self.vocab_size,
+                                                           eos_token=self.eos_token_ids or None)
+        return self._tokenizer
+
+    def template(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The grammar compiled for this vocabulary, in its initial state (never advanced: each
+        sequence deep-copies it). Raises ValueError naming the field if it does not compile."""
+        key = params.llg_grammar
+        m = self._templates.get(key)
+        if m is None:
+            m = llguidance.LLMatcher(self.tokenizer, key, log_level=0)
+            if m.is_error():
+                raise ValueError(f"{params.field_name}.{params.kind} is invalid: {' '.join(m.get_error().split())}")
+            self._templates[key] = m
+            if len(self._templates) > MAX_TEMPLATES:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end(key)
+        return m
+
+    def forget(self, seq_id: int) -> None:
+        self._states.pop(seq_id, None)
+
+    def start(self, rows: list[MaskRequest]) -> Future | MaskResult:
+        """Begin computing the rows' masks: in the worker thread when overlapping, else now."""
+        if not self.overlap:
+            return self._compute(rows)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ridgeline-grammar")
+        return self._pool.submit(self._compute, rows)
+
+    @staticmethod
+    def result(pending: Future | MaskResult) -> MaskResult:
+        return pending.result() if isinstance(pending, Future) else pending
+
+    def _sync(self, row: MaskRequest) -> _State:
+        """The row's matcher, advanced to its sequence's output tokens (rebuilt from the start if
+        the sequence lost tokens it had consumed)."""
+        out = row.token_ids[row.num_prompt_tokens:]
+        state = self._states.get(row.seq_id)
+        if state is None or state.num_consumed > len(out):
+            state = self._states[row.seq_id] = _State(self.template(row.params).deep_copy())
+        m = state.matcher
+        for t in out[state.num_consumed:]:
+            if t in self._eos and m.is_accepting():
+                continue  # EOS that did not end the sequence (min_tokens): the grammar stays complete
+            m.consume_token(t)
+        state.num_consumed = len(out)
+        return state
+
+    def _compute(self, rows: list[MaskRequest]) -> MaskResult:
+        words = np.zeros((len(rows), self._words), dtype=np.int32)
+        errors: dict[int, str] = {}
+        for i, row in enumerate(rows):
+            m = self._sync(row).matcher
+            if not m.is_error():
+                m.unsafe_compute_mask_ptr(words[i].ctypes.data, words[i].nbytes)
+            if m.is_error() or not words[i].any():
+                errors[i] = " ".join((m.get_error() or "the grammar allows no further token").split())
+                log.warning("structured outputs: sequence %d: %s", row.seq_id, errors[i])
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
+        return MaskResult(torch.from_numpy(bits.astype(np.bool_)), errors)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -1,0 +1,189 @@
+"""Structured outputs with the default model: outputs under a JSON schema parse and validate,
+regex / choice / grammar outputs match, invalid constraints are ValueErrors naming the field, and
+the masks change nothing they should not (overlap on or off, prefix caching on or off, n > 1,
+preemption, speculative decoding)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ridgeline import LLM, SamplingParams
+from ridgeline.structured import StructuredOutputsParams
+
+ENGINE = dict(max_model_len=1024, kv_cache_memory="64MiB")
+PROMPT = [{"role": "user", "content": "Give me a JSON record about a fictional person."}]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                      "age": {"type": "integer", "minimum": 18, "maximum": 99}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3},
+        "level": {"enum": ["low", "mid", "high"]}, "ok": {"type": "boolean"}},
+     "required": ["tags", "level", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+        "score": {"type": "number", "minimum": 0, "maximum": 10},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False}},
+     "required": ["id", "score", "address"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
+]
+
+
+def validate(value, schema: dict, path: str = "$") -> None:
+    """The subset of JSON Schema the tests use, checked independently of the grammar engine."""
+    if "enum" in schema:
+        assert value in schema["enum"], f"{path}: {value!r} not in enum"
+        return
+    t = schema.get("type")
+    if t == "object":
+        assert isinstance(value, dict), f"{path}: not an object"
+        props = schema.get("properties", {})
+        for k in schema.get("required", []):
+            assert k in value, f"{path}: missing {k}"
+        if schema.get("additionalProperties") is False:
+            assert set(value) <= set(props), f"{path}: extra keys {set(value) - set(props)}"
+        for k, v in value.items():
+            if k in props:
+                validate(v, props[k], f"{path}.{k}")
+    elif t == "array":
+        assert isinstance(value, list), f"{path}: not an array"
+        assert schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 1 << 30), f"{path}: length"
+        for i, v in enumerate(value):
+            validate(v, schema["items"], f"{path}[{i}]")
+    elif t == "string":
+        assert isinstance(value, str), f"{path}: not a string"
+        assert schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30), f"{path}: length"
+        if "pattern" in schema:
+            assert re.search(schema["pattern"], value), f"{path}: {value!r} !~ {schema['pattern']}"
+    elif t in ("integer", "number"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{path}: not a number"
+        if t == "integer":
+            assert isinstance(value, int), f"{path}: not an integer"
+        assert schema.get("minimum", -1e300) <= value <= schema.get("maximum", 1e300), f"{path}: range"
+    elif t == "boolean":
+        assert isinstance(value, bool), f"{path}: not a boolean"
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(**ENGINE)
+
+
+def texts(llm: LLM, prompt, params: SamplingParams) -> list[str]:
+    if isinstance(prompt, list):
+        return [o.text for o in llm.chat(prompt, params, use_tqdm=False)[0].outputs]
+    return [o.text for o in llm.generate(prompt, params, use_tqdm=False)[0].outputs]
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(json={"type": "strin"}), "structured_outputs.json"),
+    (dict(json="{not json"), "structured_outputs.json"),
+    (dict(json={"type": "integer", "minimum": 5, "maximum": 3}), "structured_outputs.json"),  # unsatisfiable
+    (dict(regex="[a-"), "structured_outputs.regex"),
+    (dict(grammar="start: undefined_rule"), "structured_outputs.grammar"),
+    (dict(grammar="root ::= missing"), "structured_outputs.grammar"),
+    (dict(choice=[]), "structured_outputs.choice"),
+    (dict(regex="a", choice=["a"]), "structured_outputs must set exactly one"),
+])
+def test_invalid_constraints_raise_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SamplingParams(structured_outputs=kw)
+
+
+def test_unknown_key_and_type_refused():
+    with pytest.raises(ValueError, match="structured_outputs has unknown keys"):
+        SamplingParams(structured_outputs={"json_schema": {}})
+    with pytest.raises(ValueError, match="structured_outputs must be"):
+        SamplingParams(structured_outputs="json")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_outputs_validate(llm, temperature):
+    for i, schema in enumerate(SCHEMAS):
+        params = SamplingParams(temperature=temperature, seed=i, n=2, max_tokens=120,
+                                structured_outputs=StructuredOutputsParams(json=schema))
+        outs = llm.chat(PROMPT, params, use_tqdm=False)[0].outputs
+        for o in outs:
+            assert o.finish_reason == "stop", (schema, o.text)
+            validate(json.loads(o.text), schema)
+
+
+def test_json_object_regex_choice_grammar(llm):
+    obj = texts(llm, PROMPT, SamplingParams(temperature=1.0, seed=0, n=2, max_tokens=120,
+                                            structured_outputs={"json_object": True}))
+    for t in obj:
+        assert isinstance(json.loads(t), dict)
+    pattern = r"[0-9]{3}-[a-z]{2,4}"
+    for t in texts(llm, "Ticket code:", SamplingParams(temperature=1.0, seed=1, n=8, max_tokens=16,
+                                                       structured_outputs={"regex": pattern})):
+        assert re.fullmatch(pattern, t), t
+    choices = ["yes", "no", "not sure"]
+    got = texts(llm, "Is the sky green? Answer:", SamplingParams(temperature=1.5, seed=2, n=8, max_tokens=8,
+                                                                 structured_outputs={"choice": choices}))
+    assert set(got) <= set(choices)
+    lark = 'start: "The answer is " NUM "."\nNUM: /[1-9][0-9]?/'
+    for t in texts(llm, "Q: 2+2? A:", SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=16,
+                                                     structured_outputs={"grammar": lark})):
+        assert re.fullmatch(r"The answer is [1-9][0-9]?\.", t), t
+    gbnf = 'root ::= "(" [a-c]+ ")"'
+    for t in texts(llm, "Letters:", SamplingParams(temperature=1.0, seed=4, n=4, max_tokens=12,
+                                                   structured_outputs={"grammar": gbnf})):
+        assert re.fullmatch(r"\([a-c]+\)", t) or not t.endswith(")"), t  # ")" closes it; else cut by length
+
+
+def test_min_tokens_logprobs_and_stop_strings(llm):
+    # min_tokens cannot hold back EOS once the grammar is complete: the choice still ends
+    got = llm.generate("Answer:", SamplingParams(temperature=0, max_tokens=10, min_tokens=5, logprobs=2,
+                                                 structured_outputs={"choice": ["yes", "no"]}), use_tqdm=False)
+    o = got[0].outputs[0]
+    assert o.text in ("yes", "no") and o.finish_reason == "stop"
+    assert o.logprobs and all(lp[t].logprob > float("-inf") for lp, t in zip(o.logprobs, o.token_ids))
+    # a stop string inside the constrained output cuts it there
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    cut = texts(llm, PROMPT, SamplingParams(temperature=0, max_tokens=60, stop=['"b"'],
+                                            structured_outputs={"json": schema}))[0]
+    assert cut.startswith('{"a": ') and '"b"' not in cut
+
+
+def test_same_outputs_without_overlap_and_without_prefix_caching(llm):
+    params = SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=100, structured_outputs={"json": SCHEMAS[2]})
+    ref = texts(llm, PROMPT, params)
+    llm.engine.runner.grammar.overlap = False
+    try:
+        assert texts(llm, PROMPT, params) == ref
+    finally:
+        llm.engine.runner.grammar.overlap = True
+    assert texts(llm, PROMPT, params) == ref  # the prompt's blocks are cached now
+    no_cache = LLM(**ENGINE, enable_prefix_caching=False)
+    assert texts(no_cache, PROMPT, params) == ref
+
+
+def test_preemption_and_speculation_keep_outputs(llm):
+    """Greedy constrained outputs of a batch squeezed into a pool too small for it (preemption,
+    recomputation) and of a speculative engine (constrained rows are not speculated; the
+    unconstrained one beside them is) equal the unconstrained engine's."""
+    prompts = [f"Record number {i} as JSON:" for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMAS[i % 2]})
+              for i in range(6)]
+    ref = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    small = LLM(max_model_len=96, num_kv_blocks=6, block_size=16, max_num_seqs=6)
+    got = [o.outputs[0].text for o in small.generate(prompts, params, use_tqdm=False)]
+    assert small.get_stats().num_preemptions > 0, "the small pool should have forced preemption"
+    assert got == ref
+    for t, p in zip(got, params):
+        validate(json.loads(t), p.structured_outputs.json)
+    spec = LLM(**ENGINE, speculative="ngram", num_speculative_tokens=4, speculative_adaptive=False,
+               prompt_lookup_min=1)
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+    free = SamplingParams(temperature=0, max_tokens=24)
+    outs = spec.generate(prompts + [code], params + [free], use_tqdm=False)
+    assert [o.outputs[0].text for o in outs[:-1]] == ref
+    assert spec.get_stats().spec_decode_num_draft_tokens > 0  # the unconstrained request was speculated
+    assert outs[-1].outputs[0].text == llm.generate(code, free, use_tqdm=False)[0].outputs[0].text
