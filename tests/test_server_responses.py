@@ -133,3 +133,9 @@ def test_unknown_model_and_missing_key(client, server):
         client.responses.create(model="nope", input="hi")
     r = httpx.post(server.url + "/v1/responses", json={"input": "hi"}, timeout=30)
     assert r.status_code == 401
+    r = httpx.post(server.url + "/v1/responses", content=b'{"input": "hi"}', timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(server.url + "/v1/responses", content=b'{"input": ', timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
