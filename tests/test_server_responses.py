@@ -1,13 +1,18 @@
 """`POST /v1/responses` on a real `ridgeline serve` subprocess, driven with the `openai` client's
-`responses.create` / `responses.stream`. Reference: the same conversation as a greedy chat
-completion (whose outputs test_server.py compares with LLM.generate). One server for the file.
+`responses.create` / `responses.stream` / `responses.parse`. Reference: the same conversation as a
+greedy chat completion (whose outputs test_server.py compares with LLM.generate); a JSON-schema
+`text.format`'s outputs are checked against the schema. One server for the file.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Literal
+
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from .test_server import API_KEY, CHAT, Server
 
@@ -101,11 +106,56 @@ def test_stream_events(client, model_id, max_tokens):
             assert s.get_final_response().output_text == text
 
 
+COLOR = {"type": "object", "additionalProperties": False, "required": ["color", "count"],
+         "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
+                        "count": {"type": "integer", "minimum": 1, "maximum": 9}}}
+
+
+class Color(BaseModel):
+    color: Literal["red", "green", "blue"]
+    count: int
+
+
+def _valid_color(text: str) -> bool:
+    obj = json.loads(text)
+    return (set(obj) == {"color", "count"} and obj["color"] in ("red", "green", "blue")
+            and isinstance(obj["count"], int) and 1 <= obj["count"] <= 9)
+
+
+def test_json_schema_text_format(client, model_id):
+    fmt = {"type": "json_schema", "name": "color", "schema": COLOR, "strict": True}
+    kw = dict(model=model_id, input="Pick a color and a count.", max_output_tokens=64, text={"format": fmt})
+    for temperature in (0, 1):
+        r = client.responses.create(temperature=temperature, **kw)
+        assert r.status == "completed" and _valid_color(r.output_text), r.output_text
+        assert r.text.format.type == "json_schema" and r.text.format.name == "color"
+    events = list(client.responses.create(temperature=0, stream=True, **kw))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == client.responses.create(temperature=0, **kw).output_text
+    obj = client.responses.create(model=model_id, input='Reply with the JSON {"answer": "yes"}.', max_output_tokens=48,
+                                  text={"format": {"type": "json_object"}}, temperature=0)
+    assert obj.status == "completed" and isinstance(json.loads(obj.output_text), dict), obj.output_text
+    # the client's parse helper sends the schema of a pydantic model and validates the output with it
+    parsed = client.responses.parse(model=model_id, input="Pick a color.", text_format=Color,
+                                    max_output_tokens=64, temperature=0)
+    assert isinstance(parsed.output_parsed, Color)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id"),
     ({"input": "hi", "conversation": "conv_1"}, "conversation"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
+     "text.format.schema"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
+                                         "schema": {"type": "string", "minLength": 5, "maxLength": 2}}}},
+     "text.format.schema"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": 3, "schema": {}}}}, "text.format.name"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}, "strict": "yes"}}},
+     "text.format.strict"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+    ({"input": "hi", "text": {"format": "json"}}, "text.format"),
     ({"input": "hi", "background": True}, "background"),
     ({"input": []}, "input"),
     ({"input": 5}, "input"),

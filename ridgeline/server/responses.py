@@ -5,10 +5,11 @@ string or `input_text` / `output_text` parts) and `instructions` become a conver
 with the chat template, checked and run exactly as a chat completion (app.py's submit / collect),
 and answered as a `response` object whose output is one assistant message; with `stream` as the
 documented server-sent events (`response.created` ... `response.completed`, or
-`response.incomplete` when `max_output_tokens` cut the text). Nothing is stored:
-`previous_response_id` and `conversation` are refused (400) rather than silently ignored, as
-are `background` and, until the structured-output work lands, `tools` and a `text.format` other
-than plain text.
+`response.incomplete` when `max_output_tokens` cut the text). `text.format` `json_schema` or
+`json_object` decodes under that constraint (SamplingParams.structured_outputs; an invalid
+schema is a 400 naming `text.format.schema`). Nothing is stored: `previous_response_id` and
+`conversation` are refused (400) rather than silently ignored, as are `background` and (not
+supported yet) `tools`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from ..structured import StructuredOutputsParams
 from .async_engine import EngineDeadError
 from .protocol import APIError, error_from_validation, error_from_value
 
@@ -92,9 +94,36 @@ class ResponsesRequest(_Strict):
             raise APIError(400, "background: not supported by this server", param="background")
         if self.tools:
             raise APIError(400, "tools: not supported yet by /v1/responses", param="tools")
-        if self.text is not None and self.text.format is not None and self.text.format.type != "text":
-            raise APIError(400, f"text.format: type {self.text.format.type!r} is not supported yet by "
-                                "/v1/responses (only 'text')", param="text.format")
+
+    @property
+    def format(self) -> dict:
+        """text.format as sent (the response echoes it); plain text when absent."""
+        fmt = self.text.format if self.text is not None else None
+        return {"type": "text"} if fmt is None else fmt.model_dump()
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        """text.format as a decoding constraint: json_schema (`name`, `schema`, `strict`; the output
+        always follows the schema) or json_object; plain text is none."""
+        fmt = self.format
+        kind = fmt["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True, field_name="text.format")
+        if kind != "json_schema":
+            raise APIError(400, f"text.format.type: must be text, json_schema or json_object, got {kind!r}",
+                           param="text.format.type")
+        for name, types, what in (("name", str, "a string"), ("strict", bool, "a boolean")):
+            if fmt.get(name) is not None and not isinstance(fmt[name], types):
+                raise APIError(400, f"text.format.{name}: must be {what}", param=f"text.format.{name}")
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "text.format.schema: must be a JSON Schema object", param="text.format.schema")
+        try:
+            return StructuredOutputsParams(json=schema, field_name="text.format")
+        except ValueError as exc:
+            msg = " ".join(str(exc).split()).replace("text.format.json", "text.format.schema", 1)
+            raise APIError(400, msg, param="text.format.schema") from None
 
     def messages(self) -> list[dict]:
         """`instructions` as a system message, then the input as chat messages."""
@@ -106,7 +135,7 @@ class ResponsesRequest(_Strict):
         return head + [_message(i, item).as_template_message() for i, item in enumerate(self.input)]
 
     def sampling_params(self) -> SamplingParams:
-        kw: dict[str, Any] = {"max_tokens": self.max_output_tokens}
+        kw: dict[str, Any] = {"max_tokens": self.max_output_tokens, "structured_outputs": self.structured_outputs()}
         for name in ("temperature", "top_p"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
@@ -201,7 +230,7 @@ def _response(ids: _Ids, req: ResponsesRequest, params: SamplingParams, status: 
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": ids.model,
             "output": output, "parallel_tool_calls": False, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": params.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": params.top_p,
+            "text": {"format": req.format}, "tool_choice": "none", "tools": [], "top_p": params.top_p,
             "truncation": "disabled", "usage": usage, "user": req.user, "metadata": req.metadata or {}}
 
 
