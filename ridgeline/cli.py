@@ -147,6 +147,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3"],
+                       help="format of tool calls in the model's output (default: hermes, <tool_call> JSON blocks)")
     g = serve.add_argument_group("connections and requests")
     g.add_argument("--max-request-bytes", default="4MiB", metavar="SIZE",
                    help="largest request body, e.g. 4MiB or 500000; larger ones get 413 (default: 4MiB)")
@@ -430,7 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                                       max_request_bytes=max_request_bytes, header_timeout=args.header_timeout,
                                       idle_timeout=args.idle_timeout, max_connections=args.max_connections,
-                                      allowed_hosts=allowed_hosts))
+                                      allowed_hosts=allowed_hosts, tool_call_parser=args.tool_call_parser))
 
 
 def _check_listen(host: str, port: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .sampling_params import SamplingParams
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -39,13 +39,16 @@ class InputProcessor:
         """A plain prompt's ids: the tokenizer adds its special tokens (BOS) as in transformers."""
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation through the model's chat template."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The conversation through the model's chat template (with `tools` for templates that
+        render them; server/tools.py decides)."""
         validate_messages(messages)
         if not self.tokenizer.chat_template:
             raise ValueError("this model has no chat template; use a plain prompt")
+        extra = {"tools": tools} if tools else {}
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, **extra)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
         """A token-id prompt with the rendered text. The template already holds the special

@@ -187,3 +187,98 @@ def test_preemption_and_speculation_keep_outputs(llm):
     assert [o.outputs[0].text for o in outs[:-1]] == ref
     assert spec.get_stats().spec_decode_num_draft_tokens > 0  # the unconstrained request was speculated
     assert outs[-1].outputs[0].text == llm.generate(code, free, use_tqdm=False)[0].outputs[0].text
+
+
+# ---------------------------------------------------------------------- server (openai client)
+
+SERVER_ARGS = ["--dtype", "auto", "--quantization", "auto", "--max-model-len", "1024", "--max-num-seqs", "16"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from .test_server import Server
+
+    s = Server(*SERVER_ARGS)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    from .test_server import API_KEY
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    c.model_name = c.models.list().data[0].id
+    return c
+
+
+def test_server_response_format_json_schema(client):
+    schema = SCHEMAS[2]
+    rf = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120, n=3,
+                                       temperature=1.0, seed=5, response_format=rf)
+    assert len(r.choices) == 3
+    for ch in r.choices:
+        assert ch.finish_reason == "stop"
+        validate(json.loads(ch.message.content), schema)
+    # streamed, greedy: the pieces concatenate to the non-streamed output, which validates
+    plain = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120,
+                                           temperature=0, response_format=rf).choices[0].message.content
+    stream = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120,
+                                            temperature=0, response_format=rf, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == plain
+    validate(json.loads(plain), schema)
+    obj = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120, temperature=1.0,
+                                         seed=0, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_server_completions_guided_fields(client):
+    r = client.completions.create(model=client.model_name, prompt="Order id:", max_tokens=16, n=6, temperature=1.0,
+                                  seed=1, extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{4}"})
+    assert all(re.fullmatch(r"[A-Z]{3}-[0-9]{4}", c.text) for c in r.choices), [c.text for c in r.choices]
+    r = client.completions.create(model=client.model_name, prompt="Is water wet? Answer:", max_tokens=8, n=6,
+                                  temperature=1.0, seed=2, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert {c.text for c in r.choices} <= {"yes", "no"}
+    r = client.completions.create(model=client.model_name, prompt="JSON:", max_tokens=60, temperature=0,
+                                  extra_body={"guided_json": SCHEMAS[0]})
+    validate(json.loads(r.choices[0].text), SCHEMAS[0])
+    r = client.completions.create(model=client.model_name, prompt="Reply:", max_tokens=8, temperature=0,
+                                  extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                      "name": "b", "schema": {"type": "boolean"}}}})
+    assert r.choices[0].text in ("true", "false")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
+    ({"structured_outputs": {"json": {"type": "integer", "minimum": 3, "maximum": 1}}}, "structured_outputs.json"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+])
+def test_server_invalid_constraint_is_400_and_others_finish(server, client, body, param):
+    import threading
+
+    import httpx
+
+    from .test_server import API_KEY
+
+    done = {}
+
+    def long_request():
+        done["r"] = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=40,
+                                                   temperature=0, response_format={"type": "json_object"})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": client.model_name, "messages": PROMPT, "max_tokens": 5, **body}, timeout=60)
+    t.join(120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert done["r"].choices[0].finish_reason in ("stop", "length")

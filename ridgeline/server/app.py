@@ -40,6 +40,7 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Reque
                        error_from_value, usage)
 from .responses import ResponsesRequest, create_response
 from .tokenize_routes import add_tokenizer_routes
+from .tools import ToolStream, parse_output, render_messages
 from .wire import CloseWhenBodyUnread
 
 log = logging.getLogger("ridgeline.server")
@@ -55,6 +56,7 @@ class ServerConfig:
     body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S  # a body that stalls this long is a 408
     hosts: HostPolicy = field(default_factory=HostPolicy)  # Host headers answered; others get 421
     limits: BodyLimits | None = None  # None: derived from the engine's vocabulary and context length
+    tool_call_parser: str = "hermes"  # how tool calls are written in the model's output (tools.py)
 
 
 # ---------------------------------------------------------------------- app
@@ -414,10 +416,13 @@ class _Server:
     # -------------------------------------------------------------- /v1/chat/completions
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        params = req.sampling_params()
-        messages = [m.as_template_message() for m in req.messages]
-        job = await self._submit("chatcmpl", req.model, [(messages, req.add_generation_prompt)], params,
-                                 "messages")
+        parser = req._tool_call_parser = self.config.tool_call_parser
+        params = req.sampling_params()  # checks the tools too (req._tool_setup)
+        setup = req._tool_setup
+        messages, tool_specs = render_messages([m.as_template_message() for m in req.messages], setup, parser,
+                                               self.aengine.engine.tokenizer.chat_template)
+        prompt = (messages, req.add_generation_prompt) + ((tool_specs,) if tool_specs else ())
+        job = await self._submit("chatcmpl", req.model, [prompt], params, "messages")
         if req.stream:
             return _sse(self._stream_chat(job, req), self, job)
         await self._collect(job, request)
@@ -430,10 +435,11 @@ class _Server:
             if req.logprobs:
                 logprobs = {"content": _chat_logprobs(comp.logprobs or [], comp.token_ids, params.logprobs or 0),
                             "refusal": None}
+            content, calls = parse_output(parser, setup.tools, comp.text) if setup.active else (comp.text, [])
             choices.append({"index": comp.index,
-                            "message": {"role": "assistant", "content": comp.text, "refusal": None,
-                                        "tool_calls": []},
-                            "logprobs": logprobs, "finish_reason": _finish(comp)})
+                            "message": {"role": "assistant", "content": content, "refusal": None,
+                                        "tool_calls": [c.as_message() for c in calls]},
+                            "logprobs": logprobs, "finish_reason": _tool_finish(comp, bool(calls))})
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse({"id": job.meta.id, "object": "chat.completion", "created": job.meta.created,
                              "model": job.meta.model, "choices": choices, "system_fingerprint": None,
@@ -451,6 +457,10 @@ class _Server:
             return _event({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                 "finish_reason": finish}], **extra})
 
+        setup = req._tool_setup
+        tool_streams = {i: ToolStream(req._tool_call_parser, setup.tools) for i in range(params.n)} \
+            if setup is not None and setup.active else {}
+
         try:
             for i in range(params.n):
                 yield chunk(i, {"role": "assistant", "content": ""}, None, None)
@@ -462,6 +472,23 @@ class _Server:
                         continue
                     delta = comp.text[st.text_sent:] if len(comp.text) > st.text_sent else ""
                     finish = _finish(comp)
+                    ts = tool_streams.get(comp.index)
+                    if ts is not None:  # tools: content and tool-call deltas from the parser
+                        deltas = ts.feed(comp.text, finish is not None) if (delta or finish) else []
+                        st.text_sent = len(comp.text)
+                        for j, d in enumerate(deltas):
+                            lp = None
+                            if req.logprobs and j == 0:
+                                lp = {"content": _chat_logprobs((comp.logprobs or [])[st.tokens_sent:],
+                                                                comp.token_ids[st.tokens_sent:], params.logprobs or 0),
+                                      "refusal": None}
+                                st.tokens_sent = len(comp.token_ids)
+                            yield chunk(comp.index, d, lp, None)
+                        if finish is not None:
+                            st.finished = True
+                            completion_tokens += len(comp.token_ids)
+                            yield chunk(comp.index, {}, None, _tool_finish(comp, bool(ts.calls)))
+                        continue
                     if delta:
                         lp = None
                         if req.logprobs:
@@ -493,10 +520,16 @@ class _Server:
 # ---------------------------------------------------------------------- formatting
 
 
+def _tool_finish(comp: CompletionOutput, called: bool) -> str | None:
+    """OpenAI's "tool_calls" when the choice ended (not cut by length) after calling tools."""
+    finish = _finish(comp)
+    return "tool_calls" if called and finish == "stop" else finish
+
+
 def _finish(comp: CompletionOutput) -> str | None:
     if comp.finish_reason is None:
         return None
-    return comp.finish_reason if comp.finish_reason in ("stop", "length") else "stop"
+    return comp.finish_reason if comp.finish_reason in ("stop", "length", "grammar_error") else "stop"
 
 
 def _event(payload: dict) -> str:

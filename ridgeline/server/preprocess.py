@@ -126,7 +126,8 @@ def _encode_bounded(rules: PromptRules, encode: Callable[[str], list[int]], text
     return None if probe_only else encode(text)
 
 
-def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
     """The conversation through the model's chat template, refused first if its text alone is longer
     than any context could hold (each string is bounded by limits.py; their sum is bounded here),
     or if the probe shows its contents alone overflow the context: rendering runs in Python under
@@ -143,7 +144,7 @@ def _render_chat(rules: PromptRules, messages: list[dict], add_generation_prompt
         _encode_bounded(rules, lambda t: tok.encode(t, add_special_tokens=False),
                         "\n".join(m["content"] for m in messages), "messages", probe_only=True)
     try:
-        return rules.inputs.render_chat(messages, add_generation_prompt)
+        return rules.inputs.render_chat(messages, add_generation_prompt, tools)
     except ValueError as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
     except Exception as exc:  # jinja raises on conversations the template refuses

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..sampling_params import SamplingParams
 
@@ -92,6 +92,19 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # constrained decoding (structured_api.py checks them): OpenAI's, then vLLM's
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def constraint(self):
+        """The StructuredOutputsParams these fields ask for, or None (a 400 if invalid)."""
+        from .structured_api import structured_outputs
+
+        return structured_outputs(self)
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   prompt_logprobs: int | None = None) -> SamplingParams:
@@ -104,7 +117,7 @@ class _SamplingFields(_Strict):
             frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, max_tokens=max_tokens,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured_outputs=self.constraint())
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
@@ -170,13 +183,21 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant turn of only tool_calls
     name: str | None = None
+    tool_calls: Any = None  # assistant: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        c = self.content
+        text = c if isinstance(c, str) else "" if c is None else "".join(p.text for p in c)
+        msg = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls is not None:
+            msg["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -186,6 +207,17 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: Any = None  # [{"type": "function", "function": {"name", "description", "parameters"}}]; tools.py
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    _tool_call_parser: str = PrivateAttr(default="hermes")  # the server's --tool-call-parser, set by app.py
+    _tool_setup: Any = PrivateAttr(default=None)  # tools.ToolSetup, once checked
+
+    def constraint(self):
+        """tool_choice "required" or a named function: the tool-call grammar; else the fields'."""
+        from .tools import chat_constraint
+
+        return chat_constraint(self)
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

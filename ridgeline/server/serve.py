@@ -49,6 +49,7 @@ class ServeOptions:
     idle_timeout: float = BODY_IDLE_TIMEOUT_S  # silence mid-body (408) or between keep-alive requests (close)
     max_connections: int | None = MAX_CONNECTIONS
     allowed_hosts: list[str] | None = None  # None: the bind address and the loopback names
+    tool_call_parser: str = "hermes"  # tools.PARSERS
 
 
 def default_model_name(engine: LLMEngine) -> str:
@@ -66,7 +67,8 @@ def create_app(engine: LLMEngine, options: ServeOptions | None = None,
     aengine = AsyncEngine(engine, metrics, start_thread=start_thread)
     config = ServerConfig(model_name=name, api_key=options.api_key, max_queue=options.max_queue,
                           max_request_bytes=options.max_request_bytes, body_idle_timeout_s=options.idle_timeout,
-                          hosts=host_policy(options.host, options.allowed_hosts))
+                          hosts=host_policy(options.host, options.allowed_hosts),
+                          tool_call_parser=options.tool_call_parser)
     return build_app(aengine, metrics, config), aengine
 
 
