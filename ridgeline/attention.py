@@ -7,6 +7,12 @@ sequence, the query positions, and a boolean mask (causal, context length, optio
 sliding window). Each layer then does one gather of K/V through the slot matrix per group,
 then attention for the decode rows (with Hydragen, shared prefixes are attended once per
 group; see hydragen.py) and one scaled-dot-product attention call for the prefill chunks.
+
+Hybrid models (Gemma 2 / 3: some layers see a sliding window, the others everything) get two
+metadata sets for one step, sharing the slot mapping: `meta` for the full-attention layers and
+`meta.local` for the windowed ones, whose decode rows gather only the window's keys. Attention
+logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) has no SDPA
+or C-kernel form; it runs as explicit float32 matmuls (`_attend_softcap`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
+    local: "AttentionMetadata | None" = None  # hybrid models: the sliding-window layers' groups
 
 
 def _block_table_tensor(block_tables: list[list[int]], num_blocks: int) -> torch.Tensor:
@@ -62,6 +69,8 @@ def _decode_group(block_tables: list[list[int]], starts: list[int], block_size: 
             own_start = [n * block_size for n in own_blocks]
     ctx = torch.tensor(starts) + 1
     first = torch.tensor(own_start)
+    if sliding_window is not None:  # keys before the window are not gathered at all
+        first = torch.maximum(first, ctx - sliding_window)
     max_own = int((ctx - first).max())
     pos = first.unsqueeze(1) + torch.arange(max_own).unsqueeze(0)  # [B, Lo] key positions
     valid = pos < ctx.unsqueeze(1)
@@ -116,11 +125,22 @@ def _prefill_group(block_tables: list[list[int]], starts: list[int], lens: list[
 def build_metadata(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
                    sliding_window: int | None, device: torch.device,
                    hydragen: HydragenConfig | None = None, dtype: torch.dtype = torch.float32,
-                   shared: tuple[list[SharedPrefix], list[int]] | None = None) -> AttentionMetadata:
+                   shared: tuple[list[SharedPrefix], list[int]] | None = None,
+                   local_window: int | None = None) -> AttentionMetadata:
     """Metadata for a flat batch whose sequences with lens == 1 come first. `hydragen` (None = off)
     sets when decode rows sharing prefix blocks attend to them as a group, unless the groups are
     given as `shared` (the scheduler's parts and each decode row's first own block); `dtype` is
-    the model's (decode attention runs in it)."""
+    the model's (decode attention runs in it). `local_window` (hybrid models) adds `.local`, the
+    same step's metadata for the layers that see only that window (without shared prefixes)."""
+    meta = _build(block_tables, starts, lens, block_size, sliding_window, device, hydragen, dtype, shared)
+    if local_window is not None:
+        meta.local = _build(block_tables, starts, lens, block_size, local_window, device, None, dtype, None)
+    return meta
+
+
+def _build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+           sliding_window: int | None, device: torch.device, hydragen: HydragenConfig | None,
+           dtype: torch.dtype, shared: tuple[list[SharedPrefix], list[int]] | None) -> AttentionMetadata:
     n_dec = 0
     while n_dec < len(lens) and lens[n_dec] == 1:
         n_dec += 1
@@ -182,10 +202,37 @@ def _attend_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out.reshape(b, hq, d)
 
 
+def _attend_softcap(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                    allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with tanh soft-capped scores, as transformers' eager Gemma 2 attention computes it:
+    q [B, Lq, Hq, D], slots [B, Lk], allowed [B, 1, Lq or 1, Lk] (bool) -> [B, Lq, Hq, D]."""
+    b, lq, hq, d = q.shape
+    k = gather_kv(k_cache, slots).transpose(1, 2)  # [B, Hkv, Lk, D]
+    v = gather_kv(v_cache, slots).transpose(1, 2)
+    rep = hq // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)
+
+
+def _causal_mask(g: AttentionGroup) -> torch.Tensor:
+    """The plain-causal prefill group's mask, spelled out ([1, 1, Lq, Lk])."""
+    n = g.slots.shape[1]
+    return torch.ones(n, n, dtype=torch.bool, device=g.slots.device).tril().view(1, 1, n, n)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, kernels: CpuKernels | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kernels: CpuKernels | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q: [T, Hq, D] for the flat batch; K/V of these tokens are already in the cache. With
-    `kernels`, decode rows read their own K/V straight from the paged cache."""
+    `kernels`, decode rows read their own K/V straight from the paged cache. `softcap`: tanh
+    soft-capping of the scores (PyTorch ops only, no shared-prefix parts)."""
+    if softcap is not None:
+        return _paged_attention_softcap(q, k_cache, v_cache, meta, scale, softcap)
     parts = []
     if meta.decode is not None:
         g = meta.decode
@@ -199,5 +246,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if meta.prefill is not None:
         g = meta.prefill
         out = _attend(q[g.q_rows], k_cache, v_cache, g, scale)
+        parts.append(out[g.q_valid] if g.q_rows.shape[0] > 1 else out[0])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _paged_attention_softcap(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             meta: AttentionMetadata, scale: float, softcap: float) -> torch.Tensor:
+    parts = []
+    if meta.decode is not None:
+        g = meta.decode
+        if g.prefix_parts:
+            raise ValueError("soft-capped attention does not take Hydragen's shared-prefix parts")
+        n = g.num_rows
+        parts.append(_attend_softcap(q[:n].unsqueeze(1), k_cache, v_cache, g.slots, g.bias == 0, scale,
+                                     softcap).squeeze(1))
+    if meta.prefill is not None:
+        g = meta.prefill
+        mask = g.mask if g.mask is not None else _causal_mask(g)
+        out = _attend_softcap(q[g.q_rows], k_cache, v_cache, g.slots, mask, scale, softcap)
         parts.append(out[g.q_valid] if g.q_rows.shape[0] > 1 else out[0])
     return parts[0] if len(parts) == 1 else torch.cat(parts)

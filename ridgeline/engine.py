@@ -121,6 +121,11 @@ class LLMEngine:
         eos_ids = list(mc.eos_token_ids)
         if not eos_ids and self.tokenizer.eos_token_id is not None:
             eos_ids = [self.tokenizer.eos_token_id]
+        if mc.is_gemma:  # instruction-tuned Gemma ends a turn with <end_of_turn> (as llama.cpp's EOG list)
+            eot = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            if (isinstance(eot, int) and 0 <= eot < mc.vocab_size and eot not in eos_ids
+                    and self.tokenizer.convert_ids_to_tokens(eot) == "<end_of_turn>"):  # (not the unknown token)
+                eos_ids.append(eot)
         self.eos_token_ids = eos_ids
         self._blocks = BlockManager(num_blocks, bs, cache.enable_prefix_caching)
         # Hydragen's grouping is skipped for sliding-window models (a window cuts the shared prefix)
@@ -130,7 +135,8 @@ class LLMEngine:
         self.spec_policy = policy
         self._scheduler = Scheduler(config.scheduler, self._blocks, self.max_model_len, eos_ids, hydragen,
                                     policy, lookahead)
-        self.runner = ModelRunner(model, kv, self.device, mc.sliding_window, eos_ids, proposer)
+        self.runner = ModelRunner(model, kv, self.device, mc.uniform_window, eos_ids, proposer,
+                                  local_window=mc.sliding_window if mc.hybrid_attention else None)
         self.runner.grammar = GrammarMasks(self.tokenizer, mc.vocab_size, eos_ids)
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs)

@@ -46,6 +46,13 @@ _GGUF_LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma's four norms per layer (llama.cpp's ffn_norm is the pre-MLP norm there)
+_GGUF_GEMMA_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -163,13 +170,14 @@ def _read_hf_config(path: Path) -> ModelConfig:
 
 # ---------------------------------------------------------------- GGUF
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, gemma: bool = False) -> str:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, idx, rest = gguf_name.split(".", 2)
-        if rest in _GGUF_LAYER_NAMES:
-            return f"model.layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+        names = _GGUF_GEMMA_LAYER_NAMES if gemma else _GGUF_LAYER_NAMES
+        if rest in names:
+            return f"model.layers.{idx}.{names[rest]}"
     raise UnsupportedModelError(f"GGUF tensor {gguf_name} is not part of a supported architecture")
 
 
@@ -194,18 +202,29 @@ def _load_gguf(path: Path, dtype: torch.dtype, quantization: str) -> Checkpoint:
     try:
         # the architecture and its metadata are checked before any tensor is read
         config = ModelConfig.from_gguf(gf.metadata, set(gf.tensors))
-        plan = [(info, _hf_name(info.name)) for info in gf.tensors.values()]
+        plan = [(info, _hf_name(info.name, config.is_gemma)) for info in gf.tensors.values()]
         _check_dequantized_fit(plan, dtype, quantization)
         weights: dict[str, torch.Tensor | QuantWeight] = {}
         for info, name in plan:
             rows = None
             if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
                 rows = _unpermute_rows(info.shape[0], config.num_heads if ".q_proj." in name else config.num_kv_heads)
-            weights[name] = _read_gguf_tensor(gf, info, name, rows, dtype, quantization)
+            if config.is_gemma and name.endswith("norm.weight"):
+                weights[name] = _gemma_gguf_norm(gf, info, dtype)
+            else:
+                weights[name] = _read_gguf_tensor(gf, info, name, rows, dtype, quantization)
             gf.release(info)
     finally:
         gf.close()
     return Checkpoint(path=path, format="gguf", config=config, weights=weights, gguf_metadata=gf.metadata)
+
+
+def _gemma_gguf_norm(gf: GGUFFile, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """A Gemma norm gain as the factor the model multiplies by. llama.cpp's converter stores
+    (1 + weight); transformers' loader subtracts the 1 and its RMSNorm adds it back, both in
+    float32: (w - 1) + 1 here rounds exactly as that does (w itself can differ in the last bit)."""
+    t = _read_gguf_tensor(gf, info, info.name, None, torch.float32, "none")
+    return ((t - 1.0) + 1.0).to(dtype)
 
 
 def _keeps_blocks(info: TensorInfo, name: str, quantization: str) -> bool:
@@ -295,6 +314,8 @@ def _load_hf(path: Path, dtype: torch.dtype, quantization: str) -> Checkpoint:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
                 tensor = st.get_tensor(name)  # one tensor at a time, cast straight to the engine's dtype
+                if config.is_gemma and name.endswith("norm.weight"):
+                    tensor = 1.0 + tensor.float()  # Gemma's RMSNorm multiplies by (1 + weight), in float32
                 if fmt is not None and tensor.dim() == 2 and is_matrix_weight(name):
                     check_quantizable(fmt, tuple(tensor.shape), name)
                     weights[name] = quantize(tensor, fmt)

@@ -1,4 +1,4 @@
-"""The decoder: Llama / Mistral / Qwen2 / Qwen3 in plain PyTorch over a flat token batch.
+"""The decoder: Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 in plain PyTorch over a flat token batch.
 
 Speed choices, all visible here: q/k/v and gate/up projections are fused into one
 matrix each; rotary embedding is applied to q and k in one op on the fused output;
@@ -9,10 +9,17 @@ dense bfloat16 and float32 weights are pre-packed for oneDNN, whose kernels read
 ~2x faster than the plain layout at batch 1 (for the 49k x 576 lm_head: 44 vs 15 GB/s in float32).
 On CPU, the per-layer elementwise work and decode attention run as fused C kernels when they
 build (ridgeline/kernels; forward() then takes _forward_fused); the PyTorch ops are the fallback.
+
+Gemma (_forward_gemma) differs in the layer body: the embedding is scaled by sqrt(hidden) (rounded
+to the model's dtype, as transformers does), each sublayer has a norm before and after it, the MLP
+is GeGLU with tanh GELU, norm gains arrive as (1 + weight) (loader.py), the attention scale comes
+from query_pre_attn_scalar, windowed layers read `meta.local` and their own rope table (Gemma 3:
+base 10,000, no scaling), and Gemma 2 soft-caps attention scores and final logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -122,6 +129,10 @@ class Layer:
         self.o = linear([w.pop(att + "o_proj.weight")], w.pop(att + "o_proj.bias", None))
         self.q_norm = w.pop(att + "q_norm.weight", None)
         self.k_norm = w.pop(att + "k_norm.weight", None)
+        self.window = cfg.layer_window(int(prefix.split(".")[2]))
+        if cfg.is_gemma:  # the norms after attention and around the MLP (post_norm: after attention)
+            self.pre_ffn_norm = w.pop(prefix + "pre_feedforward_layernorm.weight")
+            self.post_ffn_norm = w.pop(prefix + "post_feedforward_layernorm.weight")
         mlp = prefix + "mlp."
         self.gate_up = linear([w.pop(mlp + "gate_proj.weight"), w.pop(mlp + "up_proj.weight")], None)
         self.down = linear([w.pop(mlp + "down_proj.weight")], None)
@@ -162,17 +173,28 @@ class Transformer:
         if config.tie_word_embeddings or lm_head is None:
             lm_head = self.embed
         self.lm_head = make_linear([lm_head], None, quant, quant_activation_bytes)
-        inv_freq = rope_inv_freq(config, rope_freqs).to(device)
-        pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+        self.cos, self.sin = self._rope_tables(rope_inv_freq(config, rope_freqs).to(device))
+        # windowed layers with their own rope base (Gemma 3: 10,000, unscaled) get their own table
+        self.local_cos, self.local_sin = self.cos, self.sin
+        if config.rope_local_theta is not None and (config.rope_local_theta != config.rope_theta
+                                                    or config.rope_scaling is not None):
+            local = dataclasses.replace(config, rope_theta=config.rope_local_theta, rope_scaling=None)
+            self.local_cos, self.local_sin = self._rope_tables(rope_inv_freq(local, None).to(device))
+        self.scale = config.attention_scale
+        # sqrt(hidden) rounded to the model's dtype first, as transformers' Gemma embedding does
+        self.embed_scale = torch.tensor(config.hidden_size ** 0.5).to(dtype) if config.is_gemma else None
+        self.kernels: CpuKernels | None = quant if cpu_kernels else None
+        # the fused decode attention has no soft-capping: Gemma 2 attends through PyTorch ops
+        self.attention_kernels = self.kernels if self.kernels is not None and self.kernels.handles_attention(
+            config.num_heads) and config.attn_logit_softcap is None else None
+
+    def _rope_tables(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(self.config.max_position_embeddings, device=inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         # Rotate-half rotary as x * cos + roll(x, D/2) * sin with the sign folded into the table:
         # three elementwise ops and a roll instead of split, six ops and a cat.
-        self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(dtype)
-        self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
-        self.scale = config.head_dim ** -0.5
-        self.kernels: CpuKernels | None = quant if cpu_kernels else None
-        self.attention_kernels = self.kernels if self.kernels is not None and self.kernels.handles_attention(
-            config.num_heads) else None
+        return (torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype),
+                torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, QuantWeight):
@@ -187,6 +209,8 @@ class Transformer:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCachePool, logit_rows: torch.Tensor) -> torch.Tensor:
         """Run the flat batch; return float32 logits for `logit_rows` only."""
+        if self.config.is_gemma:
+            return self._forward_gemma(input_ids, positions, meta, kv, logit_rows)
         if self.kernels is not None:
             return self._forward_fused(input_ids, positions, meta, kv, logit_rows)
         cfg = self.config
@@ -250,3 +274,49 @@ class Transformer:
             delta = layer.down(kern.silu_mul(layer.gate_up(x)))
         h, delta = h[logit_rows], delta[logit_rows]
         return self.lm_head(kern.add_rms_norm(h, self.norm, eps, delta)).float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of x (after x += delta in place, with delta), fused where the kernels are."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, weight, self.config.rms_norm_eps, delta)
+        if delta is not None:
+            x.add_(delta)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
+
+    def _forward_gemma(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv: KVCachePool, logit_rows: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        kern = self.kernels
+        t = input_ids.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk_size = cfg.q_size + cfg.kv_size
+        if cfg.hybrid_attention and meta.local is None:
+            raise ValueError("a hybrid-attention model needs the windowed layers' metadata (build_metadata local_window)")
+        h = self._embed(input_ids) * self.embed_scale
+        delta = None  # the last MLP's normed output, not yet added to h
+        for i, layer in enumerate(self.layers):
+            local = layer.window is not None
+            m = meta.local if local and meta.local is not None else meta
+            cos_t, sin_t = (self.local_cos, self.local_sin) if local else (self.cos, self.sin)
+            x = self._norm(h, layer.input_norm, delta)
+            qkv = layer.qkv(x)
+            qk = self._qk(layer, qkv, t)
+            k_cache, v_cache = kv.layer(i)
+            if kern is not None:
+                q = kern.rope_store(qk.reshape(t, -1), qkv[:, qk_size:], positions, cos_t, sin_t, k_cache, v_cache,
+                                    meta.slot_mapping, hq)
+            else:
+                qk = self._rope(qk, cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1))
+                q = qk[:, :hq]
+                k_cache.index_copy_(0, meta.slot_mapping, qk[:, hq:])
+                v_cache.index_copy_(0, meta.slot_mapping, qkv[:, qk_size:].reshape(t, hkv, d))
+            attn = paged_attention(q, k_cache, v_cache, m, self.scale, self.attention_kernels, cfg.attn_logit_softcap)
+            a = self._norm(layer.o(attn.reshape(t, cfg.q_size)), layer.post_norm)
+            x = self._norm(h, layer.pre_ffn_norm, a)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            delta = self._norm(layer.down(F.gelu(gate, approximate="tanh") * up), layer.post_ffn_norm)
+        h = self._norm(h[logit_rows], self.norm, delta[logit_rows])
+        logits = self.lm_head(h).float()
+        if cfg.final_logit_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits

@@ -25,11 +25,15 @@ from .structured.masks import GrammarMasks, MaskRequest
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: KVCachePool, device: torch.device, sliding_window: int | None,
-                 eos_token_ids: list[int], proposer: NgramProposer | DraftModel | None = None):
+                 eos_token_ids: list[int], proposer: NgramProposer | DraftModel | None = None,
+                 local_window: int | None = None):
+        """sliding_window: the window of every layer (None: full context); local_window: hybrid
+        models' window for their sliding layers (the full layers then see everything)."""
         self.model = model
         self.kv = kv
         self.device = device
         self.sliding_window = sliding_window
+        self.local_window = local_window
         self.eos_token_ids = list(eos_token_ids)
         self.proposer = proposer  # speculative decoding; None: off
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its sampling generator
@@ -102,7 +106,7 @@ class ModelRunner:
         shared = (out.shared_prefixes, out.own_start_blocks) if out.shared_prefixes else None
         bs = self.kv.block_size
         meta = build_metadata(tables, starts, lens, bs, self.sliding_window, self.device,
-                              dtype=self.model.dtype, shared=shared)
+                              dtype=self.model.dtype, shared=shared, local_window=self.local_window)
         dev = self.device
         ids_t, pos_t = torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev)
         logits = self.model.forward(ids_t, pos_t, meta, self.kv, torch.tensor(logit_rows, dtype=torch.long, device=dev))

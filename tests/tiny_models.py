@@ -37,6 +37,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
 }
 
+# Gemma: windows shorter than the longer prompts, so windowed layers slide during prefill and decode;
+# query_pre_attn_scalar = head_dim where a GGUF export is tested (llama.cpp derives the scale from it)
+GEMMA_VARIANTS: dict[str, tuple[str, dict]] = {
+    # layers: sliding, full, sliding; attention and final soft-capping (50 / 30)
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=12,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    # the default pattern over 7 layers (5 sliding, 1 full, 1 sliding); head_dim 32 != hidden / heads
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32,
+                                        sliding_window=12)),
+    # explicit layer_types, linear rope scaling on the full layers, another scale, final soft-capping
+    "gemma3_scaled": ("Gemma3TextConfig", dict(
+        num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=20, sliding_window=10, final_logit_softcapping=20.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}})),
+}
+
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3, embed_std: float = 1.0) -> None:
     """Redraw every parameter: embedding / lm_head N(0, embed_std), other matrices N(0, std),
@@ -64,7 +81,7 @@ def build_model(variant: str, seed: int = 0, std: float = 0.3):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, overrides = VARIANTS[variant]
+    cls_name, overrides = {**VARIANTS, **GEMMA_VARIANTS}[variant]
     config = getattr(transformers, cls_name)(**{**COMMON, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -161,6 +178,14 @@ _TOKENIZER_KEYS = (
 )
 
 
+_GEMMA_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
 def read_tokenizer_metadata(gguf_path: Path) -> dict[str, tuple]:
     """The tokenizer key/values of a GGUF file: key -> (value, value type, array item type).
 
@@ -186,8 +211,10 @@ def write_gguf(model, path: Path, tokenizer_meta: dict[str, tuple] | None) -> Pa
 
     cfg = model.config
     arch = cfg.model_type
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"write_gguf writes llama, qwen2 and qwen3 models, not {arch}")
+    arch = {"gemma3_text": "gemma3"}.get(arch, arch)
+    if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
+        raise ValueError(f"write_gguf writes llama, qwen2, qwen3, gemma2 and gemma3 models, not {arch}")
+    gemma = arch.startswith("gemma")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-random-{arch}")
@@ -197,24 +224,36 @@ def write_gguf(model, path: Path, tokenizer_meta: dict[str, tuple] | None) -> Pa
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    rope = cfg.rope_parameters["full_attention"] if arch == "gemma3" else cfg.rope_parameters
+    w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_vocab_size(cfg.vocab_size)
     if arch == "llama":
         w.add_rope_dimension_count(head_dim)
-    elif head_dim != cfg.hidden_size // cfg.num_attention_heads:  # an explicit head_dim (Qwen3)
+    elif head_dim != cfg.hidden_size // cfg.num_attention_heads or gemma:  # an explicit head_dim (Qwen3, Gemma)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if gemma:  # llama.cpp's Gemma keys; the layer pattern and Gemma 3's local rope base are implied
+        if rope.get("rope_type", "default") != "default" or cfg.layer_types != [
+                "sliding_attention" if (i + 1) % {"gemma2": 2, "gemma3": 6}[arch] else "full_attention"
+                for i in range(cfg.num_hidden_layers)]:
+            raise ValueError("a Gemma GGUF holds the default layer pattern and unscaled rope only")
+        w.add_sliding_window(cfg.sliding_window)
+        if arch == "gemma2":
+            w.add_float32("gemma2.attn_logit_softcapping", float(cfg.attn_logit_softcapping))
+            w.add_float32("gemma2.final_logit_softcapping", float(cfg.final_logit_softcapping))
     for key, (value, vtype, sub) in (tokenizer_meta or {}).items():
         w.add_key_value(key, value, vtype, sub_type=sub)
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if gemma:  # convert_hf_to_gguf.py stores Gemma's norm gains as 1 + weight
+        sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
     tensors: list[tuple[str, np.ndarray]] = [("token_embd.weight", sd["model.embed_tokens.weight"])]
     if cfg.rope_parameters.get("rope_type", "default") == "llama3":
         tensors.append(("rope_freqs.weight", _llama3_rope_factors(cfg)))
     for i in range(cfg.num_hidden_layers):
-        for hf_name, gg_name in _LAYER_TENSORS.items():
+        for hf_name, gg_name in (_GEMMA_LAYER_TENSORS if gemma else _LAYER_TENSORS).items():
             arr = sd.get(f"model.layers.{i}.{hf_name}")
             if arr is None:
                 continue

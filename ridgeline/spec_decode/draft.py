@@ -68,8 +68,9 @@ class DraftModel:
             if not live:
                 break
             pos = [len(contexts[i]) - 1 for i in live]
-            meta = build_metadata([tables[i] for i in live], pos, [1] * len(live), bs, self.config.sliding_window,
-                                  self.device, dtype=self.model.dtype)
+            meta = build_metadata([tables[i] for i in live], pos, [1] * len(live), bs, self.config.uniform_window,
+                                  self.device, dtype=self.model.dtype,
+                                  local_window=self.config.sliding_window if self.config.hybrid_attention else None)
             ids = torch.tensor([contexts[i][-1] for i in live], device=self.device)
             logits = self.model.forward(ids, torch.tensor(pos, device=self.device), meta, self.kv,
                                         torch.arange(len(live), device=self.device))
