@@ -197,3 +197,30 @@ def test_max_tokens_zero_needs_echo(http):
                         ({"prompt": "hi", "max_tokens": -1, "echo": True}, "max_tokens")):
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def _stream_choices(http, body: dict) -> list[dict]:
+    chunks = []
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.extend(json.loads(line[6:])["choices"])
+    return chunks
+
+
+def test_streamed_echo_logprobs_equal_the_whole_response(http, client):
+    """A stream with echo and logprobs sends the prompt's logprobs (all of them, once known) and then
+    the completion's, with the same offsets as the non-streamed response."""
+    model = client.models.list().data[0].id
+    body = {"model": model, "prompt": [PROMPT, "One, two, three,"], "max_tokens": 4, "temperature": 0,
+            "echo": True, "logprobs": 2, "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"]
+    chunks = _stream_choices(http, body)
+    for choice in whole:
+        mine = [c for c in chunks if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        merged = {key: [v for c in mine for v in c["logprobs"][key]] for key in choice["logprobs"]}
+        assert merged["tokens"] == choice["logprobs"]["tokens"]
+        assert merged["text_offset"] == choice["logprobs"]["text_offset"]
+        assert merged["token_logprobs"][0] is None
+        assert merged["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-4)

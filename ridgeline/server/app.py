@@ -372,19 +372,27 @@ class _Server:
                 "system_fingerprint": None}
         extra = {"usage": None} if req.include_usage else {}
         completion_tokens = 0
+        k = params.logprobs
+        # echo: each prompt's text first; with logprobs, once its first output brings the prompt's logprobs
+        echoed = set() if req.echo and k is not None else set(range(len(job.prompts)))
         try:
-            if req.echo:
+            if req.echo and k is None:
                 for (p, i), st in states.items():
-                    prompt = job.prompts[p]
-                    lp = None
-                    if params.logprobs is not None:
-                        lp = {"tokens": [prompt.first_token], "token_logprobs": [None], "top_logprobs": [None],
-                              "text_offset": [0]}
-                    yield _event({**base, "choices": [{"index": p * params.n + i, "text": prompt.text,
-                                                       "logprobs": lp, "finish_reason": None}], **extra})
+                    yield _event({**base, "choices": [{"index": p * params.n + i, "text": job.prompts[p].text,
+                                                       "logprobs": None, "finish_reason": None}], **extra})
             while not job.done:
                 out = await self._next(job)
                 p = index_of[out.request_id]
+                if p not in echoed:
+                    prompt = job.prompts[p]
+                    if len(out.prompt_logprobs or []) < len(prompt.token_ids) and not out.finished:
+                        continue
+                    echoed.add(p)
+                    lp = _merge_echo_logprobs(prompt, out, _completion_logprobs([], [], k, 0), k)
+                    for i in range(params.n):
+                        yield _event({**base, "choices": [{"index": p * params.n + i, "text": prompt.text,
+                                                           "logprobs": lp, "finish_reason": None}], **extra})
+                shift = len(job.prompts[p].text) if req.echo else 0  # offsets count the echoed prompt
                 for comp in out.outputs:
                     st = states[(p, comp.index)]
                     if st.finished:
@@ -397,7 +405,7 @@ class _Server:
                     lp = None
                     if params.logprobs is not None:
                         lp = _completion_logprobs((comp.logprobs or [])[st.tokens_sent:], new_tokens,
-                                                  params.logprobs, st.text_sent)
+                                                  params.logprobs, shift + st.text_sent)
                     st.text_sent += len(delta)
                     st.tokens_sent = len(comp.token_ids)
                     if finish is not None:
