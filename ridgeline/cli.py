@@ -135,11 +135,13 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                            description="Serve the model over an OpenAI-compatible HTTP API "
-                                       "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+                                       "(/v1/completions, /v1/chat/completions, /v1/responses, /v1/models, "
+                                       "/tokenize, /detokenize, /tokenizer_info, /health, /metrics).")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RIDGELINE_API_KEY, else none)")
+                       help="require 'Authorization: Bearer KEY' on /v1 routes and the tokenizer endpoints "
+                            "(default: $RIDGELINE_API_KEY, else none)")
     serve.add_argument("--max-queue", type=int, default=None, metavar="N",
                        help="at most N requests waiting to run; more get 503 (default: unbounded)")
     serve.add_argument("--served-model-name", default=None,
