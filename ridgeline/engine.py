@@ -128,8 +128,11 @@ class LLMEngine:
                 eos_ids.append(eot)
         self.eos_token_ids = eos_ids
         self._blocks = BlockManager(num_blocks, bs, cache.enable_prefix_caching)
-        # Hydragen's grouping is skipped for sliding-window models (a window cuts the shared prefix)
-        hydragen = config.hydragen.resolve(model.attention_kernels) if mc.sliding_window is None else None
+        # Hydragen's grouping is skipped for sliding-window models (a window cuts the shared prefix);
+        # hybrid ones (Gemma 3) use it on their full-attention layers only (the windowed layers'
+        # metadata has no shared parts), except with soft-capped scores (Gemma 2: no LSE kernel)
+        hydragen = (config.hydragen.resolve(model.attention_kernels)
+                    if mc.uniform_window is None and mc.attn_logit_softcap is None else None)
         self.hydragen = hydragen  # the shared-prefix policy in force (None: off)
         proposer, policy, lookahead = self._speculation(num_blocks)
         self.spec_policy = policy

@@ -302,3 +302,26 @@ def test_gemma_gguf_missing_window_names_the_key(tiny, tmp_path):
     with pytest.raises(UnsupportedModelError, match="gemma3.attention.sliding_window"):
         load_model_config(tmp_path / "broken.gguf")
     assert math.isclose(load_model_config(src).attention_scale, 32 ** -0.5)
+
+
+def test_tiny_gemma3_hydragen_on_full_layers(tiny):
+    """Hydragen groups shared prefix blocks on the full-attention layers of a hybrid model (the
+    windowed layers attend through their own metadata): outputs equal those without it, and the
+    shared prefix (40 tokens, 5 blocks) is longer than the window (12), so a windowed layer that
+    wrongly took the shared part would see keys outside its window."""
+    _, ckpt, _ = tiny("gemma3")
+    g = torch.Generator().manual_seed(99)
+    prefix = torch.randint(0, VOCAB, (40,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": prefix + torch.randint(0, VOCAB, (3 + i,), generator=g).tolist()} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    runs = {}
+    for on in (True, False):
+        llm = LLM(model=str(ckpt), block_size=8, enable_hydragen=on, hydragen_min_saved_tokens=1,
+                  hydragen_min_saved_fraction=0.0, **TINY_ENGINE)
+        runs[on] = (llm.generate(prompts, params, use_tqdm=False), llm.get_stats().hydragen_steps)
+    assert runs[True][1] > 0 and runs[False][1] == 0
+    for a, b in zip(runs[True][0], runs[False][0]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for tid in eb:
+                assert abs(ea[tid].logprob - eb[tid].logprob) < 1e-4
