@@ -91,7 +91,7 @@ class ModelRunner:
             if item.fork_candidates:
                 parent_row = next(r for s, r in samples if s is item.seq)
                 samples.extend((child, parent_row) for child in item.fork_candidates)
-        masks = self._start_masks(samples)  # computed in a worker thread while the forward runs
+        masks = self._start_masks(samples, spec)  # computed in a worker thread while the forward runs
 
 
         # A speculative sequence's k + 1 positions attend as k + 1 decode rows over its block table:
@@ -120,7 +120,7 @@ class ModelRunner:
             seqs = [s for s, _ in samples]
             rows = [SampleRow(s.params, s.token_ids, s.num_prompt_tokens, self._generator(s)) for s in seqs]
             sample_logits = logits[torch.tensor([r for _, r in samples], device=dev)]
-            dead = self._apply_masks(masks, sample_logits, seqs, result)
+            dead = self._apply_masks(masks, "sample", sample_logits, list(range(len(seqs))), seqs, result)
             sampled = sample(sample_logits, rows, self.eos_token_ids)
             for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
                 if seq.seq_id in dead:  # no token is allowed: the engine ends it (finish_reason "grammar_error")
@@ -129,39 +129,55 @@ class ModelRunner:
                 if lp is not None:
                     result.logprobs[seq.seq_id] = [(tok, *lp)]
         if spec:
-            self._verify(logits, spec, result)
+            self._verify(logits, spec, result, masks)
         if out.num_spec_tokens and self.proposer is not None:
             self._propose(out, result)
         return result
 
-    def _start_masks(self, samples: list[tuple[Sequence, int]]):
-        """(indices into samples, pending masks) of the constrained rows, or None."""
+    def _start_masks(self, samples: list[tuple[Sequence, int]], spec: list[tuple[ScheduledSeq, int]]):
+        """([("sample" | "spec", index into samples or spec)], pending masks) of the constrained
+        rows, or None. A speculative sequence gets a mask for each of its rows."""
         if self.grammar is None:
             return None
-        index = [j for j, (s, _) in enumerate(samples) if s.params.structured_outputs is not None]
-        if not index:
-            return None
-        rows = [MaskRequest(s.seq_id, s.params.structured_outputs, s.token_ids, s.num_prompt_tokens)
-                for s in (samples[j][0] for j in index)]
-        return index, self.grammar.start(rows)
+        where, rows = [], []
+        for j, (s, _) in enumerate(samples):
+            if s.params.structured_outputs is not None:
+                where.append(("sample", j))
+                rows.append(MaskRequest(s.seq_id, s.params.structured_outputs, s.token_ids, s.num_prompt_tokens))
+        for k, (item, _) in enumerate(spec):
+            s = item.seq
+            if s.params.structured_outputs is not None:
+                where.append(("spec", k))
+                rows.append(MaskRequest(s.seq_id, s.params.structured_outputs, s.token_ids, s.num_prompt_tokens,
+                                        list(item.spec_token_ids)))
+        return (where, self.grammar.start(rows)) if rows else None
 
-    def _apply_masks(self, masks, logits: torch.Tensor, seqs: list[Sequence], result: ModelRunnerOutput) -> set[int]:
-        """Disallowed tokens of the constrained rows to -inf, in place (logprobs are then those of
-        the masked distribution, as in vLLM); returns the seq ids whose grammar allows nothing."""
+    def _apply_masks(self, masks, kind: str, logits: torch.Tensor, starts: list[int], seqs: list[Sequence],
+                     result: ModelRunnerOutput) -> set[int]:
+        """Disallowed tokens of the constrained rows of `kind` to -inf, in place (logprobs are then
+        those of the masked distribution, as in vLLM). Item j's rows start at logits[starts[j]].
+        Returns the seq ids whose grammar allows nothing (reported in result.grammar_errors)."""
         if masks is None:
             return set()
-        index, pending = masks
+        where, pending = masks
         res = self.grammar.result(pending)
-        sel = torch.tensor(index, device=logits.device)
-        logits[sel] = logits[sel].masked_fill(~res.allowed.to(logits.device), float("-inf"))
-        dead = set()
-        for i, msg in res.errors.items():
-            seq_id = seqs[index[i]].seq_id
-            result.grammar_errors[seq_id] = msg
-            dead.add(seq_id)
+        sel, allowed, dead = [], [], set()
+        for r, (k, j) in enumerate(where):
+            if k != kind:
+                continue
+            rows = res.rows(r)
+            sel += range(starts[j], starts[j] + rows.shape[0])
+            allowed.append(rows)
+            if r in res.errors:
+                result.grammar_errors[seqs[j].seq_id] = res.errors[r]
+                dead.add(seqs[j].seq_id)
+        if sel:
+            idx = torch.tensor(sel, device=logits.device)
+            logits[idx] = logits[idx].masked_fill(~torch.cat(allowed).to(logits.device), float("-inf"))
         return dead
 
-    def _verify(self, logits: torch.Tensor, spec: list[tuple[ScheduledSeq, int]], result: ModelRunnerOutput) -> None:
+    def _verify(self, logits: torch.Tensor, spec: list[tuple[ScheduledSeq, int]], result: ModelRunnerOutput,
+                masks=None) -> None:
         rows, groups, index = [], [], []
         for item, first in spec:
             seq, gen = item.seq, self._generator(item.seq)
@@ -173,8 +189,13 @@ class ModelRunner:
             groups.append(SpecRows(len(index), item.spec_token_ids,
                                    q[:len(item.spec_token_ids)] if q is not None else None))
             index += range(first, first + len(item.spec_token_ids) + 1)
-        verified = verify(logits[torch.tensor(index, device=logits.device)], rows, groups, self.eos_token_ids)
+        spec_logits = logits[torch.tensor(index, device=logits.device)]
+        # constrained rows verify against the masked target distribution: refused proposals are rejected
+        dead = self._apply_masks(masks, "spec", spec_logits, [g.first for g in groups], [i.seq for i, _ in spec], result)
+        verified = verify(spec_logits, rows, groups, self.eos_token_ids)
         for (item, _), v in zip(spec, verified):
+            if item.seq.seq_id in dead:
+                continue
             result.sampled[item.seq.seq_id] = v.token_ids
             if v.logprobs is not None:
                 result.logprobs[item.seq.seq_id] = [(t, *lp) for t, lp in zip(v.token_ids, v.logprobs)]
@@ -183,9 +204,7 @@ class ModelRunner:
         """Proposals for the next step of every sequence that sampled (its context: the tokens so
         far and those just emitted). Forked samples start proposing after their first decode."""
         k = out.num_spec_tokens
-        # constrained sequences are not speculated: a proposal is never checked against their grammar
-        items = [item for item in out.seqs if item.sample and item.seq.seq_id in result.sampled
-                 and item.seq.params.structured_outputs is None]
+        items = [item for item in out.seqs if item.sample and item.seq.seq_id in result.sampled]
         if isinstance(self.proposer, NgramProposer):
             for item in items:
                 seq = item.seq

@@ -167,8 +167,8 @@ def test_same_outputs_without_overlap_and_without_prefix_caching(llm):
 
 def test_preemption_and_speculation_keep_outputs(llm):
     """Greedy constrained outputs of a batch squeezed into a pool too small for it (preemption,
-    recomputation) and of a speculative engine (constrained rows are not speculated; the
-    unconstrained one beside them is) equal the unconstrained engine's."""
+    recomputation) and of a speculative engine (proposals verified against the masked target rows)
+    equal the plain engine's; sampled ones under speculation still validate."""
     prompts = [f"Record number {i} as JSON:" for i in range(6)]
     params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMAS[i % 2]})
               for i in range(6)]
@@ -181,12 +181,16 @@ def test_preemption_and_speculation_keep_outputs(llm):
         validate(json.loads(t), p.structured_outputs.json)
     spec = LLM(**ENGINE, speculative="ngram", num_speculative_tokens=4, speculative_adaptive=False,
                prompt_lookup_min=1)
-    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
-    free = SamplingParams(temperature=0, max_tokens=24)
-    outs = spec.generate(prompts + [code], params + [free], use_tqdm=False)
+    # the prompt holds JSON the n-gram lookup proposes from, valid and invalid for the schema alike
+    shown = 'Example: {"tags": ["a", "b"], "level": "low", "ok": true} and {"name": "Ann", "age": 7}. Now yours:'
+    outs = spec.generate(prompts + [shown], params + [params[1]], use_tqdm=False)
     assert [o.outputs[0].text for o in outs[:-1]] == ref
-    assert spec.get_stats().spec_decode_num_draft_tokens > 0  # the unconstrained request was speculated
-    assert outs[-1].outputs[0].text == llm.generate(code, free, use_tqdm=False)[0].outputs[0].text
+    assert outs[-1].outputs[0].text == llm.generate(shown, params[1], use_tqdm=False)[0].outputs[0].text
+    stats = spec.get_stats()
+    assert stats.spec_decode_num_draft_tokens > 0 and stats.spec_decode_num_accepted_tokens > 0
+    sampled = SamplingParams(temperature=1.0, seed=11, n=4, max_tokens=80, structured_outputs={"json": SCHEMAS[1]})
+    for o in spec.generate(shown, sampled, use_tqdm=False)[0].outputs:
+        validate(json.loads(o.text), SCHEMAS[1])
 
 
 # ---------------------------------------------------------------------- server (openai client)

@@ -1,13 +1,16 @@
 """GrammarMasks: one llguidance matcher per constrained sequence, and each step's token masks.
 
 A matcher's state is a function of its sequence's output tokens: before a mask is computed the
-matcher consumes the tokens its sequence gained since the last one (the token sampled last step),
+matcher consumes the tokens its sequence gained since the last one (the tokens emitted last step),
 and a sequence that lost tokens it had consumed gets a fresh matcher that replays them. So preemption
 (recompute keeps the tokens), forked samples (n > 1: a fresh matcher per sample) and prefix
 caching need nothing special, and a step's masks depend only on the tokens, never on timing.
 
 `start()` computes the step's masks in a worker thread while the forward pass runs (llguidance
-releases the GIL while it computes a mask); `result()` waits for them. EOS is allowed only where
+releases the GIL while it computes a mask); `result()` waits for them. A speculative row gets a
+mask after each of its proposals as well (the matcher advanced through them, then rolled back),
+so verification runs against the masked target distribution: a proposal the grammar refuses has
+probability 0 there and is always rejected, and the token drawn in its place is allowed. EOS is allowed only where
 the grammar accepts (llguidance adds it to the mask there). A sequence whose grammar allows no
 token at all (the matcher hit an error, or a dead end the compiler could not see) is reported
 in `GrammarMasks.Step.errors` instead of being sampled, so it ends with finish_reason
@@ -47,12 +50,18 @@ class MaskRequest:
     params: StructuredOutputsParams
     token_ids: list[int]
     num_prompt_tokens: int
+    draft: list[int] = field(default_factory=list)  # speculative proposals: a mask after each of them too
 
 
 @dataclass
 class MaskResult:
-    allowed: torch.Tensor  # [rows, vocab] bool
-    errors: dict[int, str] = field(default_factory=dict)  # row -> why no token is allowed
+    allowed: torch.Tensor  # [rows, vocab] bool: 1 + len(draft) rows per request, in request order
+    first: list[int]  # each request's first row
+    errors: dict[int, str] = field(default_factory=dict)  # request -> why no token is allowed at its first row
+
+    def rows(self, request: int) -> torch.Tensor:
+        end = self.first[request + 1] if request + 1 < len(self.first) else self.allowed.shape[0]
+        return self.allowed[self.first[request]:end]
 
 
 class GrammarMasks:
@@ -123,17 +132,39 @@ class GrammarMasks:
         return state
 
     def _compute(self, rows: list[MaskRequest]) -> MaskResult:
-        words = np.zeros((len(rows), self._words), dtype=np.int32)
+        first = [0]
+        for row in rows[:-1]:
+            first.append(first[-1] + 1 + len(row.draft))
+        words = np.zeros((first[-1] + 1 + len(rows[-1].draft), self._words), dtype=np.int32)
         errors: dict[int, str] = {}
         for i, row in enumerate(rows):
             m = self._sync(row).matcher
+            r = first[i]
             if not m.is_error():
-                m.unsafe_compute_mask_ptr(words[i].ctypes.data, words[i].nbytes)
-            if m.is_error() or not words[i].any():
+                m.unsafe_compute_mask_ptr(words[r].ctypes.data, words[r].nbytes)
+            if m.is_error() or not words[r].any():
                 errors[i] = " ".join((m.get_error() or "the grammar allows no further token").split())
                 log.warning("structured outputs: sequence %d: %s", row.seq_id, errors[i])
+                continue
+            if row.draft:
+                self._draft_masks(m, row.draft, words[r:r + 1 + len(row.draft)])
         bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
-        return MaskResult(torch.from_numpy(bits.astype(np.bool_)), errors)
+        return MaskResult(torch.from_numpy(bits.astype(np.bool_)), first, errors)
+
+    def _draft_masks(self, m: llguidance.LLMatcher, draft: list[int], words: np.ndarray) -> None:
+        """words[j + 1]: the mask after proposals draft[:j + 1], words[0] being the current one.
+        Consumed only up to the first proposal the grammar refuses (verification rejects it, so
+        later rows are never sampled: they keep the last mask), then rolled back."""
+        consumed = 0
+        for j, d in enumerate(draft):
+            allowed = bool((int(words[j, d >> 5]) >> (d & 31)) & 1)
+            if not allowed or d in self._eos or not m.consume_token(d) or m.is_error():
+                words[j + 1:] = words[j]
+                break
+            consumed += 1
+            m.unsafe_compute_mask_ptr(words[j + 1].ctypes.data, words[j + 1].nbytes)
+        if consumed:
+            m.rollback(consumed)
 
     def close(self) -> None:
         if self._pool is not None:
