@@ -7,6 +7,7 @@ greedy chat completion (whose outputs test_server.py compares with LLM.generate)
 from __future__ import annotations
 
 import json
+import random
 from typing import Literal
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from .test_server import API_KEY, CHAT, Server
+from .test_server_fuzz import junk_values, to_json
 
 EVENTS_HEAD = ["response.created", "response.in_progress", "response.output_item.added",
                "response.content_part.added"]
@@ -189,3 +191,37 @@ def test_unknown_model_and_missing_key(client, server):
     r = httpx.post(server.url + "/v1/responses", content=b'{"input": ', timeout=30,
                    headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+RESPONSE_FIELDS = ["input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text",
+                   "previous_response_id", "tools", "metadata", "model", "user", "background", "conversation"]
+
+
+def test_fuzzed_bodies_are_4xx_never_5xx(server, model_id):
+    """Seeded junk in every field (huge and non-finite numbers, lone surrogates, nesting, wrong
+    types) and in message items: each answer is a 200 or a 4xx in OpenAI's error format."""
+    rng = random.Random(20261204)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    statuses = []
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as c:
+        for _ in range(150):
+            body: dict = {"model": model_id, "input": "Hi", "max_output_tokens": 1}
+            for _ in range(rng.randint(1, 3)):
+                name = rng.choice(RESPONSE_FIELDS)
+                if name == "input" and rng.random() < 0.5:
+                    item = {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+                    key = rng.choice(["role", "content", "type", "extra"])
+                    item[key] = rng.choice(junk_values(rng) + ["assistant", "message", "function_call"])
+                    body["input"] = [item]
+                    continue
+                values = junk_values(rng)
+                if name == "max_output_tokens":  # None means "up to the context": keep each case short
+                    values = [v for v in values if v is not None]
+                body[name] = rng.choice(values)
+            r = c.post("/v1/responses", content=to_json(body))
+            statuses.append(r.status_code)
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.text[:300])
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text[:300]
+    assert 200 in statuses and 400 in statuses, statuses  # junk was refused, and some bodies still ran

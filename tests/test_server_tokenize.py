@@ -8,6 +8,7 @@ transformers' GGUF model for the prompt tokens' logprobs. One server for the fil
 from __future__ import annotations
 
 import json
+import random
 
 import httpx
 import openai
@@ -18,6 +19,7 @@ from ridgeline.loader import default_model_path
 from ridgeline.tokenizer import cache_dir, load_tokenizer
 
 from .test_server import CHAT, PROMPT, Server
+from .test_server_fuzz import junk_values, to_json
 
 KEY = "tok-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -224,3 +226,27 @@ def test_streamed_echo_logprobs_equal_the_whole_response(http, client):
         assert merged["text_offset"] == choice["logprobs"]["text_offset"]
         assert merged["token_logprobs"][0] is None
         assert merged["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-4)
+
+
+def test_fuzzed_bodies_are_4xx_never_5xx(http):
+    """Seeded junk in every field of /tokenize and /detokenize: a 200 or a 4xx in OpenAI's format."""
+    rng = random.Random(20261204)
+    statuses = []
+    for _ in range(200):
+        route = rng.choice(["/tokenize", "/detokenize"])
+        if route == "/tokenize":
+            body: dict = rng.choice([{"prompt": "Hello"}, {"messages": [{"role": "user", "content": "Hi"}]}])
+            names = ["prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
+                     "continue_final_message", "model"]
+        else:
+            body, names = {"tokens": [1, 2, 3]}, ["tokens", "model"]
+        for _ in range(rng.randint(1, 3)):
+            name = rng.choice(names)
+            body[name] = rng.choice(junk_values(rng))
+        r = http.post(route, content=to_json(body), headers={"Content-Type": "application/json"})
+        statuses.append(r.status_code)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (route, body, r.text[:300])
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text[:300]
+    assert 200 in statuses and 400 in statuses, statuses
