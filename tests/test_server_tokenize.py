@@ -250,3 +250,34 @@ def test_fuzzed_bodies_are_4xx_never_5xx(http):
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text[:300]
     assert 200 in statuses and 400 in statuses, statuses
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "required": ["city"],
+                                                            "properties": {"city": {"type": "string"}}}}}]
+TOOL_TURNS = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "c1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+              {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"}]
+
+
+def test_tokenized_chat_is_the_prompt_chat_completions_run(http, client):
+    """/tokenize renders a conversation (tool turns and tools included) as /v1/chat/completions does:
+    its count is the completion's prompt_tokens."""
+    model = client.models.list().data[0].id
+    for messages, tools in ((CHAT, None), (TOOL_TURNS, None), (TOOL_TURNS, WEATHER), (CHAT, WEATHER)):
+        body = {"messages": messages, **({"tools": tools} if tools else {})}
+        r = http.post("/tokenize", json=body)
+        assert r.status_code == 200, r.text
+        chat = http.post("/v1/chat/completions", json={**body, "model": model, "max_tokens": 1})
+        assert chat.status_code == 200, chat.text
+        assert r.json()["count"] == chat.json()["usage"]["prompt_tokens"], (messages, tools)
+    with_tools = http.post("/tokenize", json={"messages": CHAT, "tools": WEATHER}).json()["count"]
+    assert with_tools > http.post("/tokenize", json={"messages": CHAT}).json()["count"]
+    for body, param in (({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+                         "tools.0.function.name"),
+                        ({"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+                        ({"prompt": "hi", "tools": WEATHER}, "tools")):
+        r = http.post("/tokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

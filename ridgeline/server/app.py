@@ -129,7 +129,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         req = _parse(ResponsesRequest, await read_json(request, limits))
         return await create_response(server, req, request)
 
-    add_tokenizer_routes(app, preprocessor, limits, server._check_model)
+    add_tokenizer_routes(app, preprocessor, limits, server._check_model, config.tool_call_parser)
     return app
 
 

@@ -3,8 +3,9 @@
 What evaluation harnesses probe so that they need no local copy of the tokenizer (lm-eval's
 `tokenizer_backend=remote` reads `/tokenizer_info`, then encodes and decodes through the other
 two). Request and response shapes follow vLLM's (vllm/entrypoints/serve/tokenize/protocol.py):
-`/tokenize` takes a `prompt` string or chat `messages` and answers `{count, max_model_len,
-tokens[, token_strs]}`; `/detokenize` takes `tokens` and answers `{prompt}`. Encoding and decoding
+`/tokenize` takes a `prompt` string or chat `messages` (with `tools`, rendered exactly as
+/v1/chat/completions renders them: tools.py) and answers `{count, max_model_len, tokens[,
+token_strs]}`; `/detokenize` takes `tokens` and answers `{prompt}`. Encoding and decoding
 run in the preprocessing worker thread (preprocess.py), never in the engine thread or the event
 loop. Like the /v1 routes they are behind `--api-key` when one is set.
 """
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .limits import BodyLimits, read_json
 from .preprocess import Preprocessor, PromptRules
 from .protocol import APIError, ChatMessage, error_from_validation
+from .tools import parse_tools, render_messages
 
 # init_kwargs entries that hold the server's paths or loading details, never sent to clients
 _PRIVATE_KEYS = {"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local", "local_files_only",
@@ -43,6 +45,8 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+    tools: Any = None  # as in a chat completion: checked and rendered by tools.py
+    tool_choice: Any = None
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -53,6 +57,8 @@ class TokenizeRequest(_Strict):
                            param="continue_final_message")
         if self.messages is not None and not self.messages:
             raise APIError(400, "messages: must not be empty", param="messages")
+        if self.messages is None and (self.tools is not None or self.tool_choice is not None):
+            raise APIError(400, "tools: only with 'messages'", param="tools")
 
 
 class DetokenizeRequest(_Strict):
@@ -67,22 +73,24 @@ def _parse(model: type[BaseModel], body: dict) -> Any:
         raise error_from_validation(exc) from None
 
 
-def tokenize(rules: PromptRules, req: TokenizeRequest) -> dict:
+def tokenize(rules: PromptRules, req: TokenizeRequest, tool_call_parser: str) -> dict:
     """The request's token ids (worker thread). Text is bounded by limits.py (each string) and
     here (a chat's contents together); unlike a prompt, its token count may exceed the context:
     `count` against `max_model_len` is what a client asks /tokenize to learn."""
     inputs = rules.inputs
     tok = inputs.tokenizer
     if req.messages is not None:
-        messages = [m.as_template_message() for m in req.messages]
-        chars = sum(len(m["content"]) for m in messages)
+        if not tok.chat_template:
+            raise APIError(400, "messages: this model has no chat template; send 'prompt' instead", param="messages")
+        setup = parse_tools(req.tools, req.tool_choice, True)
+        messages, tool_specs = render_messages([m.as_template_message() for m in req.messages], setup,
+                                               tool_call_parser, tok.chat_template)
+        chars = sum(len(m["content"] or "") for m in messages)
         if chars > rules.max_chars:
             raise APIError(400, f"messages: the conversation holds {chars} characters (at most {rules.max_chars})",
                            param="messages")
-        if not tok.chat_template:
-            raise APIError(400, "messages: this model has no chat template; send 'prompt' instead", param="messages")
         try:
-            text = inputs.render_chat(messages, req.add_generation_prompt)
+            text = inputs.render_chat(messages, req.add_generation_prompt, tool_specs)
         except Exception as exc:  # jinja raises on conversations the template refuses
             raise APIError(400, f"messages: the chat template rejected the conversation: {exc}",
                            param="messages") from None
@@ -149,7 +157,7 @@ def _plain(value: Any) -> Any:
 
 
 def add_tokenizer_routes(app: FastAPI, preprocessor: Preprocessor, limits: BodyLimits,
-                         check_model: Callable[[str | None], None]) -> None:
+                         check_model: Callable[[str | None], None], tool_call_parser: str) -> None:
     rules = preprocessor.rules
     info = tokenizer_info(rules)  # read once: the tokenizer does not change while serving
 
@@ -158,7 +166,7 @@ def add_tokenizer_routes(app: FastAPI, preprocessor: Preprocessor, limits: BodyL
         req = _parse(TokenizeRequest, await read_json(request, limits))
         req.check()
         check_model(req.model)
-        return JSONResponse(await preprocessor.run(tokenize, rules, req))
+        return JSONResponse(await preprocessor.run(tokenize, rules, req, tool_call_parser))
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> JSONResponse:
