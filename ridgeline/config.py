@@ -109,6 +109,13 @@ class ModelConfig:
         return self.sliding_window if set(self.layer_types) == {"sliding_attention"} else None
 
     @property
+    def window_layer_fraction(self) -> float:
+        """The share of layers that see only the window (1.0 without layer_types)."""
+        if self.layer_types is None:
+            return 1.0
+        return self.layer_types.count("sliding_attention") / self.num_layers
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

@@ -325,3 +325,17 @@ def test_tiny_gemma3_hydragen_on_full_layers(tiny):
         for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tid in eb:
                 assert abs(ea[tid].logprob - eb[tid].logprob) < 1e-4
+
+
+def test_perf_model_counts_hybrid_attention_per_layer_kind(gemma_path):
+    """The perf model's attention aggregates for Gemma-3-270M: 15 of 18 layers read at most the
+    512-token window, 3 the whole 4k context (a per-layer average, as its operators are per layer)."""
+    from ridgeline.perf.ops import StepShape
+
+    mc = load_model_config(gemma_path)
+    assert mc.window_layer_fraction == 15 / 18
+    stats = StepShape.decode(4, 4096).stats(mc.sliding_window, 1.0, mc.window_layer_fraction)
+    assert stats.kv_read == pytest.approx(4 * (15 / 18 * 512 + 3 / 18 * 4097))
+    assert stats.attn_pairs == pytest.approx(4 * (15 / 18 * 512 + 3 / 18 * 4097))
+    short = StepShape.prefill(100).stats(mc.sliding_window, 1.0, mc.window_layer_fraction)
+    assert short.attn_pairs == pytest.approx(100 * 101 / 2)  # inside the window every layer sees all

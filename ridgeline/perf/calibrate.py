@@ -235,7 +235,7 @@ def fit(spec: HardwareSpec, perf_args: dict, samples: list[Sample], restarts: in
     window = model.model.sliding_window
 
     def per_op(saving: float, per: str) -> torch.Tensor:
-        vs = [s.shape.stats(window, saving).vector() for s in samples]
+        vs = [s.shape.stats(window, saving, model.model.window_layer_fraction).vector() for s in samples]
         return torch.tensor([[getattr(op, per)(v) for op in model.ops] for v in vs], dtype=torch.float64)
 
     flops = per_op(0.0, "flops_for")  # sharing changes K/V reads, not FLOPs

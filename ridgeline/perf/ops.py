@@ -45,25 +45,33 @@ class StepShape:
     def prefill(cls, chunk: int, start: int = 0, sampled: bool = True) -> "StepShape":
         return cls([SeqWork(chunk, start, sampled)])
 
-    def stats(self, sliding_window: int | None = None, shared_read_saving: float = 1.0) -> "StepStats":
+    def stats(self, sliding_window: int | None = None, shared_read_saving: float = 1.0,
+              window_layer_fraction: float = 1.0) -> "StepStats":
         """The step's aggregates; shared_read_saving: the fraction of a shared prefix's repeated
-        K/V reads that sharing removes (1 = all of them)."""
+        K/V reads that sharing removes (1 = all of them). window_layer_fraction: the share of
+        layers that see only `sliding_window` (hybrid models, e.g. Gemma 3: 15 of 18); the others
+        see the full context, and only they attend to shared prefixes once per group (the
+        aggregates are per-layer averages: every attention operator is linear in them)."""
         tokens = logits = 0
         pairs = kv_read = 0.0
+        f = window_layer_fraction if sliding_window is not None else 0.0
         for s in self.seqs:
             n, c = s.new_tokens, s.context_len
             tokens += n
             logits += s.sampled
-            if sliding_window is None:
-                pairs += n * c + n * (n + 1) / 2  # token j of the chunk sees c + j + 1 keys
-                kv_read += c + n
-            else:
+            full_pairs = n * c + n * (n + 1) / 2  # token j of the chunk sees c + j + 1 keys
+            if f < 1.0:
+                pairs += (1.0 - f) * full_pairs
+                kv_read += (1.0 - f) * (c + n)
+            if f > 0.0:
                 w = sliding_window
-                pairs += sum(min(c + j + 1, w) for j in range(n))
-                kv_read += min(c + n, w + n - 1)
+                win_pairs = full_pairs if c + n <= w else sum(min(c + j + 1, w) for j in range(n))
+                pairs += f * win_pairs
+                kv_read += f * min(c + n, w + n - 1)
+        share = 1.0 - f if 0.0 < f < 1.0 else 1.0  # hybrid: Hydragen runs on the full layers only
         for rows, length in self.shared_prefixes:
             # The group reads the prefix once instead of once per row.
-            kv_read -= shared_read_saving * (len(rows) - 1) * length
+            kv_read -= share * shared_read_saving * (len(rows) - 1) * length
         return StepStats(tokens, len(self.seqs), logits, pairs, max(kv_read, 0.0), len(self.shared_prefixes))
 
 

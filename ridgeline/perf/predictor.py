@@ -89,7 +89,8 @@ class PerfModel:
     def stats(self, step: StepShape | StepStats) -> StepStats:
         if isinstance(step, StepStats):
             return step
-        return step.stats(self.model.sliding_window, self.hw.shared_prefix_efficiency)
+        return step.stats(self.model.sliding_window, self.hw.shared_prefix_efficiency,
+                          self.model.window_layer_fraction)
 
     def step_time(self, step: StepShape | StepStats) -> float:
         """Predicted seconds of one engine step (the simulator's hot path)."""
