@@ -339,3 +339,29 @@ def test_perf_model_counts_hybrid_attention_per_layer_kind(gemma_path):
     assert stats.attn_pairs == pytest.approx(4 * (15 / 18 * 512 + 3 / 18 * 4097))
     short = StepShape.prefill(100).stats(mc.sliding_window, 1.0, mc.window_layer_fraction)
     assert short.attn_pairs == pytest.approx(100 * 101 / 2)  # inside the window every layer sees all
+
+
+def test_tiny_gemma3_prefix_cache_preemption_and_speculation_keep_outputs(tiny):
+    """Windowed and full layers over a cached prefix, after recomputation (preemption in a pool of
+    12 blocks) and under n-gram speculation (k + 1 decode rows per sequence): the outputs of a
+    plain run, with prefix caching off."""
+    _, ckpt, _ = tiny("gemma3")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, VOCAB, (20,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": shared * 2 + torch.randint(0, VOCAB, (5 + i,), generator=g).tolist()}
+               for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine = dict(dtype="float32", max_model_len=128, block_size=16)
+    block_bytes = 7 * 2 * 2 * 32 * 4 * 16  # layers x K/V x KV heads x head_dim x float32 x block
+
+    def run(**kw):
+        llm = LLM(model=str(ckpt), **{**engine, "kv_cache_memory": "64MiB", **kw})
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.get_stats()
+
+    ref, _ = run(enable_prefix_caching=False)
+    cached, stats = run()
+    assert cached == ref and stats.prefix_cache_hits > 0
+    small, stats = run(kv_cache_memory=str(12 * block_bytes))
+    assert small == ref and stats.num_preemptions > 0
+    spec, stats = run(speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1)
+    assert spec == ref and stats.spec_decode_num_drafts > 0

@@ -4,7 +4,7 @@ Each model is built from transformers' own config class, its weights re-drawn wi
 large standard deviation (the default init, std 0.02, gives near-uniform logits over a
 49k vocabulary, so greedy argmax would hinge on rounding noise), and saved as a
 safetensors checkpoint next to the default model's tokenizer. `write_gguf` writes a Llama,
-Qwen2 or Qwen3 model to an F32 GGUF the way llama.cpp's convert_hf_to_gguf.py does.
+Qwen2, Qwen3, Gemma 2 or Gemma 3 model to an F32 GGUF the way llama.cpp's convert_hf_to_gguf.py does.
 """
 
 from __future__ import annotations
@@ -203,9 +203,9 @@ def read_tokenizer_metadata(gguf_path: Path) -> dict[str, tuple]:
 
 
 def write_gguf(model, path: Path, tokenizer_meta: dict[str, tuple] | None) -> Path:
-    """Write a transformers Llama / Qwen2 / Qwen3 model to an all-F32 GGUF as llama.cpp's
-    convert_hf_to_gguf.py does (GGUF architecture "llama", "qwen2" or "qwen3"; only Llama's q/k rows
-    are permuted), with the given tokenizer metadata (from `read_tokenizer_metadata`; None writes
+    """Write a transformers Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model to an all-F32 GGUF as
+    llama.cpp's convert_hf_to_gguf.py does (GGUF architecture "llama", "qwen2", "qwen3", "gemma2" or
+    "gemma3"; only Llama's q/k rows are permuted; Gemma's norm gains stored as 1 + weight), with the given tokenizer metadata (from `read_tokenizer_metadata`; None writes
     none, for readers that only need the model)."""
     import gguf
 
