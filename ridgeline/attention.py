@@ -101,12 +101,15 @@ def _prefill_group(block_tables: list[list[int]], starts: list[int], lens: list[
     ctx = [s + n for s, n in zip(starts, lens)]
     max_ctx, max_q = max(ctx), max(lens)
     bt = _block_table_tensor(block_tables, -(-max_ctx // block_size))
-    kv_pos = torch.arange(max_ctx)
-    slots = bt[:, kv_pos // block_size] * block_size + (kv_pos % block_size)  # [B, max_ctx]
+    # with a window, keys before every chunk's window are not gathered at all
+    k0 = max(0, min(starts) - sliding_window + 1) if sliding_window is not None else 0
+    kv_pos = torch.arange(k0, max_ctx)
+    slots = bt[:, kv_pos // block_size] * block_size + (kv_pos % block_size)  # [B, max_ctx - k0]
     q_off = torch.arange(max_q).unsqueeze(0)
     q_valid = q_off < torch.tensor(lens).unsqueeze(1)  # [B, Lq]
-    q_pos = torch.where(q_valid, torch.tensor(starts).unsqueeze(1) + q_off, 0)  # padding sits at position 0
-    new_slots = slots.gather(1, q_pos)[q_valid]
+    start_t = torch.tensor(starts).unsqueeze(1)
+    q_pos = torch.where(q_valid, start_t + q_off, start_t)  # padding repeats the chunk's first position
+    new_slots = (bt.gather(1, q_pos // block_size) * block_size + q_pos % block_size)[q_valid]
     kv = kv_pos.view(1, 1, -1)
     mask = (kv <= q_pos.unsqueeze(-1)) & (kv < torch.tensor(ctx).view(-1, 1, 1))  # [B, Lq, Lk]
     if sliding_window is not None:
