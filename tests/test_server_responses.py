@@ -143,10 +143,86 @@ def test_json_schema_text_format(client, model_id):
     assert isinstance(parsed.output_parsed, Color)
 
 
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                          "properties": {"city": {"type": "string", "maxLength": 20}}}}
+TIME = {"type": "function", "name": "get_time", "description": "Current time in a timezone",
+        "parameters": {"type": "object", "required": ["tz"], "additionalProperties": False,
+                       "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}}}}
+
+
+def _calls(r) -> list[tuple[str, dict]]:
+    return [(o.name, json.loads(o.arguments)) for o in r.output if o.type == "function_call"]
+
+
+def test_required_and_named_tool_calls(client, model_id):
+    kw = dict(model=model_id, input="What is the weather in Paris?", tools=[WEATHER, TIME],
+              max_output_tokens=96, temperature=0)
+    r = client.responses.create(tool_choice="required", **kw)
+    calls = _calls(r)
+    assert r.status == "completed" and calls and all(name in ("get_weather", "get_time") for name, _ in calls)
+    for name, args in calls:
+        assert (set(args) == {"city"} and isinstance(args["city"], str)) if name == "get_weather" else \
+            args in ({"tz": "UTC"}, {"tz": "CET"})
+    assert all(o.call_id.startswith("call_") and o.status == "completed" for o in r.output if o.type == "function_call")
+    named = client.responses.create(tool_choice={"type": "function", "name": "get_time"}, parallel_tool_calls=False,
+                                    **kw)
+    assert [name for name, _ in _calls(named)] == ["get_time"] and named.parallel_tool_calls is False
+    # streamed: the same items; each call's argument deltas concatenate to its arguments
+    events = list(client.responses.create(tool_choice="required", stream=True, **kw))
+    done = events[-1].response
+    assert events[-1].type == "response.completed" and _calls(done) == calls
+    for item in (o for o in done.output if o.type == "function_call"):
+        deltas = [e.delta for e in events
+                  if e.type == "response.function_call_arguments.delta" and e.item_id == item.id]
+        [fin] = [e for e in events if e.type == "response.function_call_arguments.done" and e.item_id == item.id]
+        assert "".join(deltas) == fin.arguments == item.arguments
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == [o.type for o in done.output]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_auto_tools_and_a_follow_up_turn_match_chat(client, model_id):
+    """tools with tool_choice auto, and a conversation holding a function call and its output,
+    answer as the same chat completion does (same engine path, same rendering and parsing)."""
+    chat_tool = {"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}
+    r = client.responses.create(model=model_id, input="What is the weather in Paris?", tools=[WEATHER],
+                                max_output_tokens=48, temperature=0)
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content":
+                                                                     "What is the weather in Paris?"}],
+                                          tools=[chat_tool], max_tokens=48, temperature=0).choices[0].message
+    assert _calls(r) == [(c.function.name, json.loads(c.function.arguments)) for c in chat.tool_calls or []]
+    assert (r.output_text or None) == chat.content
+    items = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"}]
+    r = client.responses.create(model=model_id, input=items, tools=[WEATHER], max_output_tokens=24, temperature=0)
+    chat = client.chat.completions.create(
+        model=model_id, tools=[chat_tool], max_tokens=24, temperature=0,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert (r.output_text or None) == chat.choices[0].message.content
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id"),
     ({"input": "hi", "conversation": "conv_1"}, "conversation"),
-    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "a b"}]}, "tools.0.name"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "nonsense"}}]},
+     "tools.0.parameters"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools.0.strict"),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+     "tool_choice.name"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": "required",
+      "text": {"format": {"type": "json_object"}}}, "tool_choice"),
+    ({"input": [{"type": "function_call_output", "call_id": "c1", "output": ""}]}, "input.0.output"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      "text.format.schema"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
@@ -161,7 +237,7 @@ def test_json_schema_text_format(client, model_id):
     ({"input": "hi", "background": True}, "background"),
     ({"input": []}, "input"),
     ({"input": 5}, "input"),
-    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c"}]}, "input.0.type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content.0.type"),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
@@ -194,7 +270,8 @@ def test_unknown_model_and_missing_key(client, server):
 
 
 RESPONSE_FIELDS = ["input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text",
-                   "previous_response_id", "tools", "metadata", "model", "user", "background", "conversation"]
+                   "previous_response_id", "tools", "metadata", "model", "user", "background", "conversation",
+                   "tool_choice", "parallel_tool_calls"]
 
 
 def test_fuzzed_bodies_are_4xx_never_5xx(server, model_id):
@@ -209,10 +286,18 @@ def test_fuzzed_bodies_are_4xx_never_5xx(server, model_id):
             for _ in range(rng.randint(1, 3)):
                 name = rng.choice(RESPONSE_FIELDS)
                 if name == "input" and rng.random() < 0.5:
-                    item = {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}
-                    key = rng.choice(["role", "content", "type", "extra"])
+                    item = rng.choice([{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                       {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                                       {"type": "function_call_output", "call_id": "c", "output": "ok"}])
+                    key = rng.choice(["role", "content", "type", "extra", "call_id", "name", "arguments", "output"])
                     item[key] = rng.choice(junk_values(rng) + ["assistant", "message", "function_call"])
-                    body["input"] = [item]
+                    body["input"] = [{"role": "user", "content": "hi"}, item]
+                    continue
+                if name == "tools" and rng.random() < 0.5:
+                    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+                    tool[rng.choice(["type", "name", "description", "parameters", "strict"])] = rng.choice(
+                        junk_values(rng))
+                    body["tools"] = [tool]
                     continue
                 values = junk_values(rng)
                 if name == "max_output_tokens":  # None means "up to the context": keep each case short

@@ -1,20 +1,21 @@
 """`POST /v1/responses`: OpenAI's Responses API, stateless, over the chat-completions path.
 
-What agents (Codex and others) speak. `input` (a string, or message items whose content is a
-string or `input_text` / `output_text` parts) and `instructions` become a conversation rendered
-with the chat template, checked and run exactly as a chat completion (app.py's submit / collect),
-and answered as a `response` object whose output is one assistant message; with `stream` as the
-documented server-sent events (`response.created` ... `response.completed`, or
-`response.incomplete` when `max_output_tokens` cut the text). `text.format` `json_schema` or
-`json_object` decodes under that constraint (SamplingParams.structured_outputs; an invalid
-schema is a 400 naming `text.format.schema`). Nothing is stored: `previous_response_id` and
-`conversation` are refused (400) rather than silently ignored, as are `background` and (not
-supported yet) `tools`.
+What agents (Codex and others) speak. `input` (a string, or items: messages whose content is a
+string or `input_text` / `output_text` parts, `function_call` and `function_call_output`) and
+`instructions` become a conversation rendered with the chat template, checked and run exactly as
+a chat completion (app.py's submit / collect; function tools, `tool_choice` and
+`parallel_tool_calls` through tools.py, the server's `--tool-call-parser`), and answered as a
+`response` object whose output is an assistant message and/or `function_call` items
+(responses_output.py); with `stream` as the documented server-sent events (`response.created`
+... `response.completed`, or `response.incomplete` when `max_output_tokens` cut the text).
+`text.format` `json_schema` or `json_object` decodes under that constraint
+(SamplingParams.structured_outputs; an invalid schema is a 400 naming `text.format.schema`).
+Nothing is stored: `previous_response_id` and `conversation` are refused (400) rather than
+silently ignored, as is `background`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 import uuid
@@ -29,7 +30,11 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..structured import StructuredOutputsParams
 from .async_engine import EngineDeadError
+from .preprocess import Preprocessor
 from .protocol import APIError, error_from_validation, error_from_value
+from .responses_output import OutputBuilder, sse
+from .structured_api import build
+from .tools import ToolSetup, ToolStream, call_grammar, parse_tools, render_messages
 
 
 class _Strict(BaseModel):
@@ -53,6 +58,27 @@ class InputMessage(_Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionCallItem(_Strict):
+    """An earlier turn's tool call (as this API answered it)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Strict):
+    """A tool's result for one call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str = Field(min_length=1)
+    id: str | None = None
+    status: str | None = None
+
+
 class TextFormat(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
@@ -62,7 +88,8 @@ class TextConfig(_Strict):
     format: TextFormat | None = None
 
 
-_MESSAGE = TypeAdapter(InputMessage)
+_ITEMS = {"message": TypeAdapter(InputMessage), "function_call": TypeAdapter(FunctionCallItem),
+          "function_call_output": TypeAdapter(FunctionCallOutput)}
 _PART_TYPES = ("input_text", "output_text")
 
 
@@ -77,8 +104,9 @@ class ResponsesRequest(_Strict):
     previous_response_id: str | None = None
     conversation: Any = None
     background: bool | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Any] | None = None  # function tools: {"type": "function", "name", "description", "parameters"}
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "name"}
+    parallel_tool_calls: bool = True
     text: TextConfig | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -92,8 +120,41 @@ class ResponsesRequest(_Strict):
                                 "conversation in 'input'", param="conversation")
         if self.background:
             raise APIError(400, "background: not supported by this server", param="background")
-        if self.tools:
-            raise APIError(400, "tools: not supported yet by /v1/responses", param="tools")
+
+    def tool_setup(self) -> ToolSetup:
+        """The function tools and tool_choice, checked by tools.py in the chat form (its 400s renamed
+        to this API's fields: `tools.0.name`, `tool_choice.name`)."""
+        tools = None
+        if self.tools is not None:
+            tools = []
+            for i, t in enumerate(self.tools):
+                if not isinstance(t, dict) or t.get("type") != "function":
+                    kind = t.get("type") if isinstance(t, dict) else type(t).__name__
+                    raise APIError(400, f"tools.{i}.type: only function tools are supported, got {kind!r}",
+                                   param=f"tools.{i}.type")
+                if t.get("strict") is not None and not isinstance(t["strict"], bool):
+                    raise APIError(400, f"tools.{i}.strict: must be a boolean", param=f"tools.{i}.strict")
+                fn = {k: t[k] for k in ("name", "description", "parameters") if k in t and t[k] is not None}
+                tools.append({"type": "function", "function": fn})
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        try:
+            return parse_tools(tools, choice, self.parallel_tool_calls)
+        except APIError as exc:
+            param = (exc.param or "").replace(".function.", ".", 1)
+            msg = exc.message.replace(exc.param or "", param, 1) if exc.param else exc.message
+            raise APIError(exc.status, msg, param=param or None) from None
+
+    def constraint(self, setup: ToolSetup, parser: str) -> StructuredOutputsParams | None:
+        """A required or named tool call's grammar, else text.format's."""
+        fmt = self.structured_outputs()
+        if not setup.forced:
+            return fmt
+        if fmt is not None:
+            raise APIError(400, "tool_choice: a required or named tool call cannot be combined with a "
+                                "text.format schema", param="tool_choice")
+        return build("tool_choice", grammar=call_grammar(parser, setup.forced, setup.parallel))
 
     @property
     def format(self) -> dict:
@@ -126,16 +187,30 @@ class ResponsesRequest(_Strict):
             raise APIError(400, msg, param="text.format.schema") from None
 
     def messages(self) -> list[dict]:
-        """`instructions` as a system message, then the input as chat messages."""
-        head = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        """`instructions` as a system message, then the input as chat messages: function calls
+        join the assistant turn before them (or make one), outputs are `tool` messages."""
+        out = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         if isinstance(self.input, str):
-            return head + [{"role": "user", "content": self.input}]
+            return out + [{"role": "user", "content": self.input}]
         if not self.input:
             raise APIError(400, "input: must not be empty", param="input")
-        return head + [_message(i, item).as_template_message() for i, item in enumerate(self.input)]
+        for i, raw in enumerate(self.input):
+            item = _item_of(i, raw)
+            if isinstance(item, InputMessage):
+                out.append(item.as_template_message())
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if out and out[-1]["role"] == "assistant":
+                    out[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            else:
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        return out
 
-    def sampling_params(self) -> SamplingParams:
-        kw: dict[str, Any] = {"max_tokens": self.max_output_tokens, "structured_outputs": self.structured_outputs()}
+    def sampling_params(self, constraint: StructuredOutputsParams | None) -> SamplingParams:
+        kw: dict[str, Any] = {"max_tokens": self.max_output_tokens, "structured_outputs": constraint}
         for name in ("temperature", "top_p"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
@@ -145,14 +220,15 @@ class ResponsesRequest(_Strict):
             raise error_from_value(exc) from None
 
 
-def _message(i: int, item: Any) -> InputMessage:
-    """One input item as a message, or a 400 naming it (`input.3.content.0.type`)."""
+def _item_of(i: int, item: Any) -> InputMessage | FunctionCallItem | FunctionCallOutput:
+    """One input item, or a 400 naming it (`input.3.content.0.type`)."""
+    kind = "message"
     if isinstance(item, dict):
         kind = item.get("type", "message")
-        if kind != "message":
-            raise APIError(400, f"input.{i}.type: {kind!r} items are not supported (only messages)",
+        if kind not in _ITEMS:
+            raise APIError(400, f"input.{i}.type: {kind!r} items are not supported (only {', '.join(_ITEMS)})",
                            param=f"input.{i}.type")
-        content = item.get("content")
+        content = item.get("content") if kind == "message" else None
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if isinstance(part, dict) and part.get("type") not in _PART_TYPES:
@@ -160,7 +236,7 @@ def _message(i: int, item: Any) -> InputMessage:
                                         f"supported (only {' and '.join(_PART_TYPES)})",
                                    param=f"input.{i}.content.{j}.type")
     try:
-        return _MESSAGE.validate_python(item)
+        return _ITEMS[kind].validate_python(item)
     except ValidationError as exc:
         err = error_from_validation(exc)
         param = f"input.{i}" + (f".{err.param}" if err.param else "")
@@ -169,6 +245,9 @@ def _message(i: int, item: Any) -> InputMessage:
 
 class Engine(Protocol):
     """What a response needs from app.py's server: the chat-completions path."""
+
+    config: Any  # ServerConfig: its tool_call_parser
+    preprocessor: Preprocessor  # its rules hold the tokenizer (the chat template)
 
     async def submit(self, prefix: str, model: str | None, prompts: list, params: SamplingParams,
                      prompt_param: str) -> Any: ...
@@ -179,24 +258,33 @@ class Engine(Protocol):
 
 async def create_response(engine: Engine, req: ResponsesRequest, request: Request) -> Response:
     req.check()
-    params = req.sampling_params()
-    messages = req.messages()
+    parser = engine.config.tool_call_parser
+    setup = req.tool_setup()
+    params = req.sampling_params(req.constraint(setup, parser))
     try:
-        job = await engine.submit("resp", req.model, [(messages, True)], params, "input")
+        messages, tool_specs = render_messages(req.messages(), setup, parser,
+                                               engine.preprocessor.rules.inputs.tokenizer.chat_template)
+        prompt = (messages, True) + ((tool_specs,) if tool_specs else ())
+        job = await engine.submit("resp", req.model, [prompt], params, "input")
     except APIError as exc:
         raise _as_input_error(exc) from None
-    rid = job.request_ids[0]
     ids = _Ids(resp=f"resp_{uuid.uuid4().hex}", msg=f"msg_{uuid.uuid4().hex}", created=time.time(),
                model=job.meta.model)
     if req.stream:
-        return engine.event_stream(_stream(engine, job, req, ids), job)
+        return engine.event_stream(_stream(engine, job, req, ids, setup, parser), job)
     await engine.collect(job, request)
     if not job.done:
         return Response(status_code=499)
-    comp = job.finals[rid].outputs[0]
+    comp = job.finals[job.request_ids[0]].outputs[0]
     status = "incomplete" if comp.finish_reason == "length" else "completed"
-    item = _item(ids.msg, comp.text, status)
-    return JSONResponse(_response(ids, req, params, status, [item],
+    builder = OutputBuilder(ids.msg)
+    if setup.active:
+        builder.feed(ToolStream(parser, setup.tools).feed(comp.text, True))
+    else:
+        builder.open_message()
+        builder.feed([{"content": comp.text}])
+    builder.close(status)
+    return JSONResponse(_response(ids, req, params, status, builder.output(),
                                   _usage(len(job.prompts[0].token_ids), len(comp.token_ids))))
 
 
@@ -205,12 +293,14 @@ _RENAMED = {"messages": "input", "max_tokens": "max_output_tokens"}
 
 def _as_input_error(exc: APIError) -> APIError:
     """Preprocessing names the conversation 'messages' and the output bound 'max_tokens'; here they
-    are 'input' and 'max_output_tokens'."""
-    name = _RENAMED.get(exc.param or "")
+    are 'input' and 'max_output_tokens' (a message's index counts `instructions` as the first)."""
+    head, _, rest = (exc.param or "").partition(".")
+    name = _RENAMED.get(head)
     if name is None:
         return exc
-    msg = name + exc.message[len(exc.param):] if exc.message.startswith(exc.param) else exc.message
-    return APIError(exc.status, msg, param=name, type_=exc.type, code=exc.code)
+    param = name + (f".{rest}" if rest else "")
+    msg = param + exc.message[len(exc.param):] if exc.message.startswith(exc.param) else exc.message
+    return APIError(exc.status, msg, param=param, type_=exc.type, code=exc.code)
 
 
 @dataclass(frozen=True)
@@ -228,19 +318,11 @@ def _response(ids: _Ids, req: ResponsesRequest, params: SamplingParams, status: 
     return {"id": ids.resp, "object": "response", "created_at": ids.created, "status": status, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": ids.model,
-            "output": output, "parallel_tool_calls": False, "previous_response_id": None,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": params.temperature,
-            "text": {"format": req.format}, "tool_choice": "none", "tools": [], "top_p": params.top_p,
+            "text": {"format": req.format}, "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+            "tools": req.tools or [], "top_p": params.top_p,
             "truncation": "disabled", "usage": usage, "user": req.user, "metadata": req.metadata or {}}
-
-
-def _item(msg_id: str, text: str, status: str) -> dict:
-    return {"id": msg_id, "type": "message", "status": status, "role": "assistant",
-            "content": [_part(text)] if status != "in_progress" else []}
-
-
-def _part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def _usage(prompt_tokens: int, output_tokens: int) -> dict:
@@ -249,37 +331,41 @@ def _usage(prompt_tokens: int, output_tokens: int) -> dict:
             "total_tokens": prompt_tokens + output_tokens}
 
 
-async def _stream(engine: Engine, job: Any, req: ResponsesRequest, ids: _Ids) -> AsyncIterator[str]:
-    params, seq = job.params, 0
-    where = {"item_id": ids.msg, "output_index": 0, "content_index": 0}
+async def _stream(engine: Engine, job: Any, req: ResponsesRequest, ids: _Ids, setup: ToolSetup,
+                  parser: str) -> AsyncIterator[str]:
+    seq = 0
 
     def event(kind: str, **payload: Any) -> str:
         nonlocal seq
-        body = {"type": kind, "sequence_number": seq, **payload}
         seq += 1
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return sse(kind, seq - 1, payload)
 
-    running = _response(ids, req, params, "in_progress", [], None)
+    running = _response(ids, req, job.params, "in_progress", [], None)
     yield event("response.created", response=running)
     yield event("response.in_progress", response=running)
-    yield event("response.output_item.added", output_index=0, item=_item(ids.msg, "", "in_progress"))
-    yield event("response.content_part.added", **where, part=_part(""))
+    builder = OutputBuilder(ids.msg, event)
+    tools = ToolStream(parser, setup.tools) if setup.active else None
+    if tools is None:
+        for e in builder.open_message():
+            yield e
     sent, comp = 0, None
     try:
         while not job.done:
             out = await engine.next_output(job)
             comp = out.outputs[0]
-            if len(comp.text) > sent:
-                yield event("response.output_text.delta", **where, delta=comp.text[sent:], logprobs=[])
-                sent = len(comp.text)
+            finished = comp.finish_reason is not None
+            if len(comp.text) == sent and not finished:
+                continue
+            deltas = tools.feed(comp.text, finished) if tools else [{"content": comp.text[sent:]}]
+            sent = len(comp.text)
+            for e in builder.feed(deltas):
+                yield e
     except EngineDeadError as exc:
         yield event("error", code="service_unavailable", message=str(exc), param=None)
         return
-    text = comp.text if comp is not None else ""
     status = "incomplete" if comp is not None and comp.finish_reason == "length" else "completed"
-    item = _item(ids.msg, text, status)
-    yield event("response.output_text.done", **where, text=text, logprobs=[])
-    yield event("response.content_part.done", **where, part=_part(text))
-    yield event("response.output_item.done", output_index=0, item=item)
-    done = _response(ids, req, params, status, [item], _usage(len(job.prompts[0].token_ids), len(comp.token_ids)))
+    for e in builder.close(status):
+        yield e
+    done = _response(ids, req, job.params, status, builder.output(),
+                     _usage(len(job.prompts[0].token_ids), len(comp.token_ids) if comp else 0))
     yield event(f"response.{status}", response=done)
