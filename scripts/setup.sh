@@ -40,7 +40,7 @@ sys.exit(0)
 PYEOF
 }
 
-# The editable install is current when it points at this checkout and the test extras are in.
+# The editable install is current when it points at this checkout and the test and eval extras are in.
 ridgeline_installed() {
     [ -x .venv/bin/ridgeline ] || return 1
     "$PY" -I - <<'PYEOF'
@@ -69,19 +69,20 @@ if ! satisfied "torch==$TORCH_VERSION"; then
     pip_q install "torch==$TORCH_VERSION"
 fi
 
-# Runtime and test requirements as pinned in pyproject.toml.
+# Runtime, test and eval (lm-eval, which tests/test_lm_eval.py drives) requirements as pinned in pyproject.toml.
 mapfile -t REQS < <("$PY" - <<'PYEOF'
 import tomllib
 with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
-for r in project["dependencies"] + project["optional-dependencies"]["test"]:
+extras = project["optional-dependencies"]
+for r in project["dependencies"] + extras["test"] + extras["eval"]:
     print(r)
 PYEOF
 )
 if ! ridgeline_installed || ! satisfied "${REQS[@]}" \
         || [ pyproject.toml -nt .venv/.ridgeline-installed ]; then
-    echo "setup: installing ridgeline (editable) with test extras"
-    pip_q install -e ".[test]"
+    echo "setup: installing ridgeline (editable) with test and eval extras"
+    pip_q install -e ".[test,eval]"
     touch .venv/.ridgeline-installed
 fi
 
