@@ -161,19 +161,18 @@ class ModelRunner:
             return set()
         where, pending = masks
         res = self.grammar.result(pending)
-        sel, allowed, dead = [], [], set()
+        sel, bias, dead = [], [], set()
         for r, (k, j) in enumerate(where):
             if k != kind:
                 continue
             rows = res.rows(r)
             sel += range(starts[j], starts[j] + rows.shape[0])
-            allowed.append(rows)
+            bias.append(rows)
             if r in res.errors:
                 result.grammar_errors[seqs[j].seq_id] = res.errors[r]
                 dead.add(seqs[j].seq_id)
-        if sel:
-            idx = torch.tensor(sel, device=logits.device)
-            logits[idx] = logits[idx].masked_fill(~torch.cat(allowed).to(logits.device), float("-inf"))
+        if sel:  # + 0 where allowed, + -inf elsewhere
+            logits.index_add_(0, torch.tensor(sel, device=logits.device), torch.cat(bias).to(logits.device, logits.dtype))
         return dead
 
     def _verify(self, logits: torch.Tensor, spec: list[tuple[ScheduledSeq, int]], result: ModelRunnerOutput,

@@ -12,6 +12,7 @@ import pytest
 
 from ridgeline import LLM, SamplingParams
 from ridgeline.structured import StructuredOutputsParams
+from ridgeline.structured.masks import OVERLAP_MIN_ROWS
 
 ENGINE = dict(max_model_len=1024, kv_cache_memory="64MiB")
 PROMPT = [{"role": "user", "content": "Give me a JSON record about a fictional person."}]
@@ -152,14 +153,31 @@ def test_min_tokens_logprobs_and_stop_strings(llm):
     assert cut.startswith('{"a": ') and '"b"' not in cut
 
 
+def test_dead_end_grammar_ends_with_grammar_error(llm):
+    """A grammar that compiles but leads nowhere ends with finish_reason "grammar_error" (the reason
+    in stop_reason), never a hang or unconstrained tokens; requests beside it are unaffected."""
+    dead = 'start: A B\nA: "x"\nB: /[^\\x00-\\U0010FFFF]/'  # B matches no character at all
+    endless = 'start: a\na: "x" a'  # never accepts: the parser gives up
+    outs = llm.generate(["Go:", "Go:", "Answer:"], [
+        SamplingParams(temperature=0, max_tokens=20, structured_outputs={"grammar": dead}),
+        SamplingParams(temperature=0, max_tokens=20, structured_outputs={"grammar": endless}),
+        SamplingParams(temperature=0, max_tokens=5, structured_outputs={"choice": ["yes", "no"]})], use_tqdm=False)
+    first, second, ok = (o.outputs[0] for o in outs)
+    assert first.text == "x" and first.finish_reason == "grammar_error" and "no further token" in first.stop_reason
+    assert second.finish_reason in ("grammar_error", "length") and set(second.text) <= {"x"}
+    assert ok.text in ("yes", "no") and ok.finish_reason == "stop"
+
+
 def test_same_outputs_without_overlap_and_without_prefix_caching(llm):
     params = SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=100, structured_outputs={"json": SCHEMAS[2]})
-    ref = texts(llm, PROMPT, params)
-    llm.engine.runner.grammar.overlap = False
+    grammar = llm.engine.runner.grammar
+    grammar.overlap_min_rows = 1  # every step's masks in the worker thread
     try:
+        ref = texts(llm, PROMPT, params)
+        grammar.overlap = False
         assert texts(llm, PROMPT, params) == ref
     finally:
-        llm.engine.runner.grammar.overlap = True
+        grammar.overlap, grammar.overlap_min_rows = True, OVERLAP_MIN_ROWS
     assert texts(llm, PROMPT, params) == ref  # the prompt's blocks are cached now
     no_cache = LLM(**ENGINE, enable_prefix_caching=False)
     assert texts(no_cache, PROMPT, params) == ref

@@ -7,7 +7,8 @@ and a sequence that lost tokens it had consumed gets a fresh matcher that replay
 caching need nothing special, and a step's masks depend only on the tokens, never on timing.
 
 `start()` computes the step's masks in a worker thread while the forward pass runs (llguidance
-releases the GIL while it computes a mask); `result()` waits for them. A speculative row gets a
+releases the GIL while it computes a mask), or inline for a step with only a few constrained rows;
+`result()` waits for them. A speculative row gets a
 mask after each of its proposals as well (the matcher advanced through them, then rolled back),
 so verification runs against the masked target distribution: a proposal the grammar refuses has
 probability 0 there and is always rejected, and the token drawn in its place is allowed. EOS is allowed only where
@@ -33,6 +34,7 @@ from .params import StructuredOutputsParams
 
 log = logging.getLogger("ridgeline")
 MAX_TEMPLATES = 64  # compiled grammars kept for reuse (requests with the same schema)
+OVERLAP_MIN_ROWS = 8  # constrained rows in a step from which their masks are computed during the forward
 
 
 @dataclass
@@ -55,13 +57,13 @@ class MaskRequest:
 
 @dataclass
 class MaskResult:
-    allowed: torch.Tensor  # [rows, vocab] bool: 1 + len(draft) rows per request, in request order
+    bias: torch.Tensor  # [rows, vocab] float32, 0 where allowed, -inf elsewhere: 1 + len(draft) rows per request
     first: list[int]  # each request's first row
     errors: dict[int, str] = field(default_factory=dict)  # request -> why no token is allowed at its first row
 
     def rows(self, request: int) -> torch.Tensor:
-        end = self.first[request + 1] if request + 1 < len(self.first) else self.allowed.shape[0]
-        return self.allowed[self.first[request]:end]
+        end = self.first[request + 1] if request + 1 < len(self.first) else self.bias.shape[0]
+        return self.bias[self.first[request]:end]
 
 
 class GrammarMasks:
@@ -71,6 +73,9 @@ class GrammarMasks:
         self.eos_token_ids = list(eos_token_ids)
         self._eos = frozenset(eos_token_ids)
         self.overlap = overlap  # False: masks computed in the calling thread (same results, for tests)
+        # Fewer rows are computed inline: a mask costs ~15-80 us here, less than waking the worker on
+        # a busy machine (measured: batch 1 overlapped was slower than inline on a loaded 2-core VM).
+        self.overlap_min_rows = OVERLAP_MIN_ROWS
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._templates: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._states: dict[int, _State] = {}
@@ -105,8 +110,9 @@ class GrammarMasks:
         self._states.pop(seq_id, None)
 
     def start(self, rows: list[MaskRequest]) -> Future | MaskResult:
-        """Begin computing the rows' masks: in the worker thread when overlapping, else now."""
-        if not self.overlap:
+        """Begin computing the rows' masks: in the worker thread when overlapping and there are
+        enough of them, else now."""
+        if not self.overlap or sum(1 + len(r.draft) for r in rows) < self.overlap_min_rows:
             return self._compute(rows)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ridgeline-grammar")
@@ -143,13 +149,17 @@ class GrammarMasks:
             if not m.is_error():
                 m.unsafe_compute_mask_ptr(words[r].ctypes.data, words[r].nbytes)
             if m.is_error() or not words[r].any():
-                errors[i] = " ".join((m.get_error() or "the grammar allows no further token").split())
+                why = (m.get_error() or "").split("<state>")[0].strip()  # llguidance appends its parser state
+                errors[i] = " ".join(f"the grammar allows no further token{f' ({why})' if why else ''}".split())
                 log.warning("structured outputs: sequence %d: %s", row.seq_id, errors[i])
                 continue
             if row.draft:
                 self._draft_masks(m, row.draft, words[r:r + 1 + len(row.draft)])
         bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
-        return MaskResult(torch.from_numpy(bits.astype(np.bool_)), first, errors)
+        # an additive bias: adding it is ~15x faster on CPU than masked_fill with a boolean mask
+        bias = torch.from_numpy(np.ascontiguousarray(bits)).float().sub_(1).mul_(float("inf"))
+        bias.nan_to_num_(nan=0.0, posinf=0.0, neginf=float("-inf"))  # (1 - 1) * inf is nan: allowed
+        return MaskResult(bias, first, errors)
 
     def _draft_masks(self, m: llguidance.LLMatcher, draft: list[int], words: np.ndarray) -> None:
         """words[j + 1]: the mask after proposals draft[:j + 1], words[0] being the current one.
