@@ -33,15 +33,52 @@ SCHEMAS = [
                     "required": ["city", "zip"], "additionalProperties": False}},
      "required": ["id", "score", "address"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[a-z]{3}$"},
+                                         "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"const": "point"}, "x": {"type": "number", "minimum": -1, "maximum": 1},
+                                      "label": {"type": ["string", "null"], "maxLength": 12}},
+     "required": ["kind", "x", "label"], "additionalProperties": False},
+    {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 50}, {"type": "string", "enum": ["none", "many"]}]},
+    {"$defs": {"person": {"type": "object", "properties": {"first": {"type": "string", "maxLength": 12},
+                                                           "born": {"type": "integer", "minimum": 1900, "maximum": 2024}},
+                          "required": ["first", "born"], "additionalProperties": False}},
+     "type": "object", "properties": {"author": {"$ref": "#/$defs/person"}, "editor": {"$ref": "#/$defs/person"}},
+     "required": ["author", "editor"], "additionalProperties": False},
+    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"},
+                                      "amount": {"type": "number", "minimum": 0, "maximum": 1000},
+                                      "paid": {"type": "boolean"}},
+     "required": ["date", "amount", "paid"], "additionalProperties": False},
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
 ]
 
 
-def validate(value, schema: dict, path: str = "$") -> None:
+def validate(value, schema: dict, path: str = "$", root: dict | None = None) -> None:
     """The subset of JSON Schema the tests use, checked independently of the grammar engine."""
+    root = root or schema
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/$defs/")
+        return validate(value, root["$defs"][name], path, root)
+    if "anyOf" in schema:
+        errors = []
+        for sub in schema["anyOf"]:
+            try:
+                return validate(value, sub, path, root)
+            except AssertionError as exc:
+                errors.append(str(exc))
+        raise AssertionError(f"{path}: no anyOf branch matches: {errors}")
+    if "const" in schema:
+        assert value == schema["const"], f"{path}: {value!r} != const"
+        return
     if "enum" in schema:
         assert value in schema["enum"], f"{path}: {value!r} not in enum"
         return
     t = schema.get("type")
+    if isinstance(t, list):
+        if value is None and "null" in t:
+            return
+        t = next(x for x in t if x != "null")
     if t == "object":
         assert isinstance(value, dict), f"{path}: not an object"
         props = schema.get("properties", {})
@@ -51,12 +88,12 @@ def validate(value, schema: dict, path: str = "$") -> None:
             assert set(value) <= set(props), f"{path}: extra keys {set(value) - set(props)}"
         for k, v in value.items():
             if k in props:
-                validate(v, props[k], f"{path}.{k}")
+                validate(v, props[k], f"{path}.{k}", root)
     elif t == "array":
         assert isinstance(value, list), f"{path}: not an array"
         assert schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 1 << 30), f"{path}: length"
         for i, v in enumerate(value):
-            validate(v, schema["items"], f"{path}[{i}]")
+            validate(v, schema["items"], f"{path}[{i}]", root)
     elif t == "string":
         assert isinstance(value, str), f"{path}: not a string"
         assert schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30), f"{path}: length"
@@ -121,11 +158,11 @@ def test_json_object_regex_choice_grammar(llm):
     for t in obj:
         assert isinstance(json.loads(t), dict)
     pattern = r"[0-9]{3}-[a-z]{2,4}"
-    for t in texts(llm, "Ticket code:", SamplingParams(temperature=1.0, seed=1, n=8, max_tokens=16,
+    for t in texts(llm, "Ticket code:", SamplingParams(temperature=1.0, seed=1, n=50, max_tokens=16,
                                                        structured_outputs={"regex": pattern})):
         assert re.fullmatch(pattern, t), t
     choices = ["yes", "no", "not sure"]
-    got = texts(llm, "Is the sky green? Answer:", SamplingParams(temperature=1.5, seed=2, n=8, max_tokens=8,
+    got = texts(llm, "Is the sky green? Answer:", SamplingParams(temperature=1.5, seed=2, n=50, max_tokens=8,
                                                                  structured_outputs={"choice": choices}))
     assert set(got) <= set(choices)
     lark = 'start: "The answer is " NUM "."\nNUM: /[1-9][0-9]?/'
@@ -245,6 +282,14 @@ def test_server_response_format_json_schema(client):
     for ch in r.choices:
         assert ch.finish_reason == "stop"
         validate(json.loads(ch.message.content), schema)
+    stream = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120, n=2,
+                                            temperature=1.0, seed=6, response_format=rf, stream=True)
+    texts_by_index = {0: "", 1: ""}
+    for c in stream:
+        for ch in c.choices:
+            texts_by_index[ch.index] += ch.delta.content or ""
+    for t in texts_by_index.values():
+        validate(json.loads(t), schema)
     # streamed, greedy: the pieces concatenate to the non-streamed output, which validates
     plain = client.chat.completions.create(model=client.model_name, messages=PROMPT, max_tokens=120,
                                            temperature=0, response_format=rf).choices[0].message.content
