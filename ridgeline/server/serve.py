@@ -64,6 +64,7 @@ def create_app(engine: LLMEngine, options: ServeOptions | None = None,
     options = options or ServeOptions()
     name = options.served_model_name or default_model_name(engine)
     metrics = ServerMetrics(name)
+    engine.runner.grammar.warm_up()  # llguidance's tokenizer (~0.5 s), before the first constrained request
     aengine = AsyncEngine(engine, metrics, start_thread=start_thread)
     config = ServerConfig(model_name=name, api_key=options.api_key, max_queue=options.max_queue,
                           max_request_bytes=options.max_request_bytes, body_idle_timeout_s=options.idle_timeout,

@@ -21,6 +21,7 @@ in `GrammarMasks.Step.errors` instead of being sampled, so it ends with finish_r
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,29 +82,39 @@ class GrammarMasks:
         self._states: dict[int, _State] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._words = (vocab_size + 31) // 32
+        self._lock = threading.Lock()  # the tokenizer and templates: the engine, mask and warm-up threads
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         """llguidance's view of the vocabulary, built on first use (~0.5 s for 49k tokens)."""
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, self.vocab_size,
-                                                           eos_token=self.eos_token_ids or None)
-        return self._tokenizer
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, self.vocab_size,
+                                                               eos_token=self.eos_token_ids or None)
+            return self._tokenizer
+
+    def warm_up(self) -> None:
+        """Build the tokenizer in a background thread (the server calls this at start, so the first
+        constrained request does not pause every stream for it)."""
+        threading.Thread(target=lambda: self.tokenizer, name="ridgeline-grammar-warmup", daemon=True).start()
 
     def template(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         """The grammar compiled for this vocabulary, in its initial state (never advanced: each
         sequence deep-copies it). Raises ValueError naming the field if it does not compile."""
         key = params.llg_grammar
-        m = self._templates.get(key)
-        if m is None:
-            m = llguidance.LLMatcher(self.tokenizer, key, log_level=0)
-            if m.is_error():
-                raise ValueError(f"{params.field_name}.{params.kind} is invalid: {' '.join(m.get_error().split())}")
+        tokenizer = self.tokenizer
+        with self._lock:
+            m = self._templates.get(key)
+            if m is not None:
+                self._templates.move_to_end(key)
+                return m
+        m = llguidance.LLMatcher(tokenizer, key, log_level=0)
+        if m.is_error():
+            raise ValueError(f"{params.field_name}.{params.kind} is invalid: {' '.join(m.get_error().split())}")
+        with self._lock:
             self._templates[key] = m
             if len(self._templates) > MAX_TEMPLATES:
                 self._templates.popitem(last=False)
-        else:
-            self._templates.move_to_end(key)
         return m
 
     def forget(self, seq_id: int) -> None:
