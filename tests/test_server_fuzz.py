@@ -259,6 +259,8 @@ def check_response(case: Case, r: httpx.Response) -> str | None:
         data = r.json()
     except ValueError:
         return f"200 body is not JSON: {r.text[:300]}"
+    if case.path == "/health":
+        return None if data == {"status": "ok"} else f"unexpected /health body: {r.text[:300]}"
     return None if isinstance(data, dict) and ("choices" in data or "data" in data or "id" in data) else \
         f"unexpected 200 body: {r.text[:300]}"
 
